@@ -1,0 +1,5 @@
+import sys
+
+from medp2x.cli import main
+
+sys.exit(main())

@@ -1,0 +1,84 @@
+"""The one sample contract every reader meets, and the shared bad-file policy.
+
+A sample is a dict ``{"image": float32 tensor C x H x W in [0, 1], "label": int (-1 when
+unlabelled), "meta": dict}``. ``meta`` never holds patient identifiers.
+
+Readers take ``on_error="raise" | "skip"``. ``raise`` stops with one line naming the file and
+the reason; ``skip`` drops the file, counts it, and the run reports the count at the end, so
+one truncated file never kills a week-long run.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+logger = logging.getLogger("medp2x.data")
+
+OnError = Literal["raise", "skip"]
+
+
+class UnreadableFileError(ValueError):
+    """A file a reader cannot turn into pixels. The message is ``<path>: <reason>``."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path, self.reason = str(path), reason
+        super().__init__(f"{path}: {reason}")
+
+
+@dataclass
+class SkipLog:
+    """Files skipped under ``on_error="skip"``, with their reasons (thread-safe)."""
+
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, path: str | Path, reason: str) -> None:
+        with self._lock:
+            self.skipped.append((str(path), reason))
+        logger.warning("skipping %s: %s", path, reason)
+
+    def __len__(self) -> int:
+        return len(self.skipped)
+
+    def summary(self) -> str:
+        if not self.skipped:
+            return "all files readable"
+        lines = [f"{len(self.skipped)} file(s) skipped:"]
+        lines += [f"  {path}: {reason}" for path, reason in self.skipped]
+        return "\n".join(lines)
+
+
+def check_on_error(on_error: str) -> OnError:
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    return on_error  # type: ignore[return-value]
+
+
+def handle_bad_file(path: str | Path, reason: str, on_error: OnError, log: SkipLog) -> None:
+    """Raise or record one unreadable file, according to the user's choice."""
+    if on_error == "raise":
+        raise UnreadableFileError(path, reason)
+    log.add(path, reason)
+
+
+def existing_path(path: str | Path, what: str = "data_dir") -> Path:
+    """The path itself, or one clear error naming it and the setting it came from."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{what} {str(p)!r} does not exist")
+    return p
+
+
+def list_files(root: str | Path, suffixes: Iterable[str]) -> list[Path]:
+    """Files under ``root`` (or ``root`` itself) with one of the suffixes, sorted for
+    reproducible sample order across machines."""
+    root = existing_path(root)
+    wanted = tuple(s.lower() for s in suffixes)
+    if root.is_file():
+        return [root]
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(wanted))

@@ -1,0 +1,346 @@
+"""The second-stage (and first-stage) self-supervised pretraining loop, on one Ignite engine.
+
+Reading order: ``pretrain`` builds the pieces (encoder from the SSL checkpoint, method, views,
+optimiser), attaches the handlers (surgery on a fresh run, checkpoints, progress bar,
+TensorBoard, loss log), resumes from the newest checkpoint in the run folder if there is one,
+and runs. One training step is ``training_step``: augment the batch on the device, normalise
+the views the way the weights expect, compute the method's loss, step.
+
+``DeterministicEngine`` is used so that a killed run resumes with exactly the data order and
+random state it would have had: a resumed run equals an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ignite.distributed as idist
+import torch
+import torch.nn.functional as F
+from ignite.engine import DeterministicEngine, Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
+from torch.utils.data import DataLoader, Dataset
+
+from medp2x import __version__
+from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_encoder
+
+logger = logging.getLogger("medp2x.engine")
+
+CHECKPOINT_PREFIX = "checkpoint"
+
+
+@dataclass
+class PretrainConfig:
+    """One pretraining run. ``None`` means "the method's recipe for this profile"."""
+
+    dataset: Dataset
+    output_dir: str | Path
+    method: str = "simclr"
+    profile: str = "tiny"
+    arch: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    ssl_checkpoint: str | Path | None = None
+    checkpoint_format: str = "auto"
+    scale: str = "per_layer"  # weight surgery, applied only to a fresh run from ssl_checkpoint
+    filters: str = "copy"
+    modality: str = "rgb"  # "rgb" or "gray": channels of the stem and the augmentation recipe
+    normalization: dict | str | None = "auto"  # "auto": what the checkpoint expects
+    num_workers: int = 0
+    amp: bool = False  # bf16 autocast
+    seed: int = 0
+    checkpoint_every: int = 0  # iterations; 0 = at the end of every epoch only
+    n_saved: int = 2
+    max_iterations: int | None = None  # stop early (smoke tests); the schedule still spans epochs
+    progress: bool = True
+    method_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    output_dir: Path
+    encoder_path: Path
+    method: str
+    arch: str
+    iterations: int
+    epochs: int
+    first_loss: float
+    last_loss: float
+    resumed: bool
+    surgery_applied: bool
+
+
+def collate_images(size: int, channels: int) -> Callable[[Sequence[dict]], torch.Tensor]:
+    """Stack sample images into one batch, resizing and matching channels where they differ.
+
+    Resizing here keeps readers free of training decisions; the views crop from this size.
+    """
+
+    def collate(samples: Sequence[dict]) -> torch.Tensor:
+        images = []
+        for sample in samples:
+            image = sample["image"] if isinstance(sample, dict) else sample
+            image = match_channels(image, channels)
+            if image.shape[-2:] != (size, size):
+                image = F.interpolate(
+                    image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                )[0]
+            images.append(image)
+        return torch.stack(images).clamp_(0, 1)
+
+    return collate
+
+
+def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
+    if image.shape[0] == channels:
+        return image
+    if channels == 3 and image.shape[0] == 1:
+        return image.expand(3, -1, -1)
+    if channels == 1 and image.shape[0] == 3:
+        return image.mean(0, keepdim=True)
+    raise ValueError(f"cannot turn a {image.shape[0]}-channel image into {channels} channels")
+
+
+def resolve_normalization(cfg: PretrainConfig, report: Any) -> dict | None:
+    """The input normalisation for the encoder: the user's choice, else what its weights expect."""
+    if cfg.normalization != "auto":
+        if cfg.normalization in (None, "none"):
+            return None
+        if cfg.normalization == "imagenet":
+            return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        return dict(cfg.normalization)
+    if report is not None:
+        return report.normalization
+    return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+
+
+def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
+    files = sorted(
+        checkpoint_dir.glob(f"{CHECKPOINT_PREFIX}_*.pt"),
+        key=lambda p: int(p.stem.rsplit("_", 1)[-1]),
+    )
+    return files[-1] if files else None
+
+
+def pretrain(cfg: PretrainConfig) -> RunSummary:
+    """Run (or resume) one self-supervised pretraining run and write its encoder."""
+    from medp2x.checkpoints import load_encoder, save_encoder
+    from medp2x.methods import build_method, recipe_for
+    from medp2x.optim import build_optimizer
+    from medp2x.surgery import SurgeryHandler
+    from medp2x.views import build_views
+
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    torch.manual_seed(cfg.seed)
+
+    recipe = recipe_for(cfg.method, cfg.profile)
+    arch = cfg.arch or recipe.arch
+    image_size = cfg.image_size or recipe.image_size
+    batch_size = cfg.batch_size or recipe.batch_size
+    epochs = cfg.epochs or recipe.epochs
+    channels = 1 if cfg.modality == "gray" else 3
+    recipe = rescale_recipe(recipe, arch=arch, image_size=image_size, batch_size=batch_size, epochs=epochs, lr=cfg.lr)
+
+    # Encoder: the first-stage SSL weights (P2X) or random (P1X). On resume the weights come
+    # from the run's checkpoint, but the first-stage file still decides the normalisation.
+    report = None
+    if cfg.ssl_checkpoint:
+        encoder, report = load_encoder(
+            cfg.ssl_checkpoint, arch=arch, in_channels=channels, format=cfg.checkpoint_format
+        )
+        logger.info("first-stage weights:\n%s", report)
+    else:
+        encoder = build_encoder(arch, in_channels=channels)
+    normalization = resolve_normalization(cfg, report)
+    normalize = Normalize(*(normalization or {}).values()) if normalization else Normalize(None, None)
+
+    method = build_method(cfg.method, encoder, profile=cfg.profile, recipe=recipe, **cfg.method_options)
+    device = idist.device()
+    model = idist.auto_model(method)
+    normalize = normalize.to(device)
+    augment = build_views(cfg.method, cfg.modality, recipe.views, device=device)
+
+    loader = idist.auto_dataloader(
+        cfg.dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_images(recipe.views.load_size, channels),
+        persistent_workers=cfg.num_workers > 0,
+    )
+    if len(loader) == 0:
+        raise ValueError(
+            f"the dataset has {len(cfg.dataset)} samples, fewer than one batch of {batch_size}: "
+            "lower batch_size or add data"
+        )
+    optimizer, scheduler = build_optimizer(method, recipe, batch_size * idist.get_world_size(), len(loader))
+    total_iterations = epochs * len(loader)
+
+    def training_step(engine: Engine, images: torch.Tensor) -> dict[str, float]:
+        model.train()
+        images = images.to(device, non_blocking=True)
+        with torch.no_grad():
+            views = [normalize(v) for v in augment(images)]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+            outputs = model(views)
+        optimizer.zero_grad(set_to_none=True)
+        outputs["loss"].backward()
+        method.on_before_optimizer_step(engine.state.epoch - 1, engine.state.iteration - 1)
+        optimizer.step()
+        scheduler.step()
+        method.on_after_optimizer_step(engine.state.iteration / total_iterations)
+        logs = {k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
+        logs["lr"] = optimizer.param_groups[0]["lr"]
+        return logs
+
+    trainer = DeterministicEngine(training_step)
+    meta = {
+        "version": __version__,
+        "arch": arch,
+        "in_channels": channels,
+        "normalization": normalization,
+        "method": cfg.method,
+    }
+    surgery_applied = False
+    if cfg.ssl_checkpoint and (cfg.scale != "none" or cfg.filters != "none"):
+
+        def after_surgery() -> None:
+            nonlocal surgery_applied
+            surgery_applied = True
+            method.reset_momentum_encoders()
+
+        SurgeryHandler(
+            method.encoder, scale=cfg.scale, filters=cfg.filters, seed=cfg.seed, output_dir=out, after=after_surgery
+        ).attach(trainer)
+
+    to_save = {"model": method, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer}
+    saver = Checkpoint(
+        to_save,
+        DiskSaver(str(ckpt_dir), require_empty=False, create_dir=True, atomic=True),
+        filename_prefix="",
+        filename_pattern=f"{CHECKPOINT_PREFIX}_{{global_step}}.{{ext}}",
+        n_saved=cfg.n_saved,
+        global_step_transform=lambda engine, _: engine.state.iteration,
+    )
+    every = Events.EPOCH_COMPLETED
+    if cfg.checkpoint_every:
+        every = every | Events.ITERATION_COMPLETED(every=cfg.checkpoint_every)
+    if idist.get_rank() == 0:
+        trainer.add_event_handler(every, saver)
+        attach_loggers(trainer, out, cfg.progress)
+    if cfg.max_iterations:
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED(once=cfg.max_iterations), lambda e: e.terminate()
+        )
+
+    if resume_from is not None:
+        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        Checkpoint.load_objects(to_load=to_save, checkpoint=state)
+        logger.info("resuming from %s (iteration %d)", resume_from, trainer.state.iteration)
+        if idist.get_rank() == 0:
+            print(f"Resuming from {resume_from} at iteration {trainer.state.iteration}; no weight surgery.")
+
+    torch.manual_seed(cfg.seed)  # DeterministicEngine draws its data seed from here
+    trainer.run(loader, max_epochs=epochs)
+
+    encoder_path = out / "encoder.pt"
+    if idist.get_rank() == 0:
+        save_encoder(encoder_path, method.encoder.state_dict(), **meta)
+        write_run_config(out, cfg, meta, recipe)
+    losses = read_loss_log(out)
+    return RunSummary(
+        output_dir=out,
+        encoder_path=encoder_path,
+        method=cfg.method,
+        arch=arch,
+        iterations=trainer.state.iteration,
+        epochs=trainer.state.epoch,
+        first_loss=losses[0] if losses else math.nan,
+        last_loss=losses[-1] if losses else math.nan,
+        resumed=resume_from is not None,
+        surgery_applied=surgery_applied,
+    )
+
+
+def rescale_recipe(recipe: Any, **values: Any) -> Any:
+    """The recipe with the user's overrides (``None`` keeps the recipe's value)."""
+    from dataclasses import replace
+
+    updates = {k: v for k, v in values.items() if v is not None and k != "lr"}
+    if values.get("lr") is not None:
+        updates["base_lr"] = values["lr"]
+        updates["lr_batch_divisor"] = 0
+    if "image_size" in updates:
+        updates["views"] = recipe.views.scaled_to(updates["image_size"])
+    return replace(recipe, **updates)
+
+
+def attach_loggers(trainer: Engine, out: Path, progress: bool) -> None:
+    """Progress bar, TensorBoard scalars, and a CSV loss log that survives resumes."""
+    from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+
+    out.mkdir(parents=True, exist_ok=True)
+    if progress:
+        ProgressBar(persist=True).attach(trainer, output_transform=lambda logs: {"loss": logs["loss"]})
+    tb = TensorboardLogger(log_dir=str(out / "tb"))
+    tb.attach(
+        trainer,
+        log_handler=OutputHandler(tag="train", output_transform=lambda logs: logs),
+        event_name=Events.ITERATION_COMPLETED,
+    )
+    trainer.add_event_handler(Events.COMPLETED | Events.TERMINATE, lambda _: tb.close())
+
+    log_path = out / "loss.csv"
+
+    @trainer.on(Events.STARTED)
+    def truncate_log_to_resumed_iteration(engine: Engine) -> None:
+        # Iterations logged after the last checkpoint of a killed run are re-run: drop them.
+        rows = read_loss_rows(out)
+        kept = [r for r in rows if int(r["iteration"]) <= engine.state.iteration]
+        write_loss_rows(log_path, kept)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def append_loss(engine: Engine) -> None:
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow([engine.state.iteration, engine.state.epoch, engine.state.output["loss"]])
+
+
+def read_loss_rows(out: Path) -> list[dict]:
+    path = Path(out) / "loss.csv"
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_loss_rows(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["iteration", "epoch", "loss"])
+        writer.writerows([r["iteration"], r["epoch"], r["loss"]] for r in rows)
+
+
+def read_loss_log(out: Path) -> list[float]:
+    return [float(r["loss"]) for r in read_loss_rows(out)]
+
+
+def write_run_config(out: Path, cfg: PretrainConfig, meta: dict, recipe: Any) -> None:
+    """What was run, for the record (no data contents, no patient information)."""
+    import json
+
+    record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "dataset"}
+    record["ssl_checkpoint"] = str(cfg.ssl_checkpoint) if cfg.ssl_checkpoint else None
+    record["recipe"] = asdict(recipe)
+    record["meta"] = meta
+    (out / "run_config.json").write_text(json.dumps(record, indent=2, default=str))

@@ -1,0 +1,79 @@
+"""Encoders and small building blocks shared by every stage.
+
+The encoder is a torchvision ResNet with ``fc`` replaced by ``Identity``: that is the layout
+of every official SSL checkpoint (see ``checkpoints.py``), so weights move between stages and
+tools without renaming. MONAI's ResNet is not used: its stride-1 stem is 3.6-5x slower on CPU
+and no public SSL checkpoint uses its key names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+
+
+def build_encoder(arch: str = "resnet18", in_channels: int = 3) -> nn.Module:
+    """A torchvision ResNet without its classifier; ``encoder.feature_dim`` is its output size."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, old.out_channels, 7, 2, 3, bias=False)
+    net.feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+def feature_dim(encoder: nn.Module) -> int:
+    """Output width of an encoder (read from the attribute, or measured once)."""
+    if hasattr(encoder, "feature_dim"):
+        return int(encoder.feature_dim)
+    first = next(m for m in encoder.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        was_training = encoder.training
+        encoder.eval()
+        out = encoder(torch.zeros(1, first.in_channels, 64, 64))
+        encoder.train(was_training)
+    return int(out.shape[1])
+
+
+class Normalize(nn.Module):
+    """Per-channel ``(x - mean) / std`` as a layer, so an encoder carries the input scaling
+    its weights expect (SimCLR: none; ImageNet mean/std for the others)."""
+
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None):
+        super().__init__()
+        self.enabled = mean is not None
+        mean_t = torch.tensor(mean if mean is not None else [0.0]).view(1, -1, 1, 1)
+        std_t = torch.tensor(std if std is not None else [1.0]).view(1, -1, 1, 1)
+        self.register_buffer("mean", mean_t, persistent=False)
+        self.register_buffer("std", std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        mean, std = self.mean, self.std
+        if x.shape[1] != mean.shape[1]:  # gray input through an RGB normalisation
+            mean, std = mean.mean(1, keepdim=True), std.mean(1, keepdim=True)
+        return (x - mean) / std
+
+
+class NormalizedEncoder(nn.Module):
+    """An encoder that takes images in [0, 1] and applies its own input normalisation."""
+
+    def __init__(self, encoder: nn.Module, mean=None, std=None):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.encoder = encoder
+        self.feature_dim = feature_dim(encoder)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(self.normalize(x))

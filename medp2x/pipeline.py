@@ -1,0 +1,224 @@
+"""One P2X (or P1X) job, the object every pretraining bundle runs: the paper's recipe, in order.
+
+1. First stage: an ImageNet self-supervised checkpoint (``ssl_checkpoint``), or, in the demo,
+   a small one made on the spot; none at all for P1X.
+2. Weight surgery (scaling + dead-filter selection) on a fresh run, never on resume.
+3. Second-stage pretraining with the same method on the user's unlabelled images.
+4. Downstream evaluation of P2X next to the first stage and a random init, when labels exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, NormalizedEncoder, build_encoder
+
+logger = logging.getLogger("medp2x.pipeline")
+
+DatasetFactory = Callable[[Path, int], Dataset]
+
+
+@dataclass
+class P2XJob:
+    """A declarative run; the bundle JSON fills these fields (its overrides are their names)."""
+
+    name: str
+    make_dataset: DatasetFactory
+    output_dir: str
+    data_dir: str | None = None
+    ssl_checkpoint: str | None = None
+    schedule: str = "p2x"  # "p2x": start from ssl_checkpoint; "p1x": from random init
+    method: str = "simclr"
+    profile: str = "tiny"
+    arch: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    lr: float | None = None
+    scale: str = "per_layer"
+    filters: str = "copy"
+    modality: str = "rgb"
+    eval_dir: str | None = None
+    eval_protocol: str = "linear"
+    eval_epochs: int = 30
+    num_workers: int = 0
+    amp: bool = False
+    seed: int = 0
+    checkpoint_every: int = 0
+    first_stage_epochs: int = 4
+    max_iterations: int | None = None
+    method_options: dict = field(default_factory=dict)
+
+    def run(self) -> dict:
+        try:
+            return self._run()
+        except (FileNotFoundError, ValueError) as err:  # user errors: one clear line
+            logging.getLogger("medp2x").debug("job failed", exc_info=True)
+            sys.exit(f"{self.name}: error: {err}")
+
+    def _run(self) -> dict:
+        from medp2x.engine import PretrainConfig, pretrain
+        from medp2x.methods import recipe_for
+
+        started = time.time()
+        out = Path(self.output_dir)
+        demo = self.data_dir is None
+        data_dir = self._data_dir(out, demo)
+        first_stage = self._first_stage(out, demo)
+        recipe = recipe_for(self.method, self.profile)
+        image_size = self.image_size or recipe.image_size
+        dataset = self.make_dataset(data_dir, image_size)
+        print(f"[2-3/4] {self.schedule.upper()} {self.method} pretraining on {len(dataset)} samples from {data_dir}")
+        summary = pretrain(
+            PretrainConfig(
+                dataset=dataset,
+                output_dir=out / self.schedule,
+                method=self.method,
+                profile=self.profile,
+                arch=self.arch,
+                image_size=image_size,
+                batch_size=self.batch_size,
+                epochs=self.epochs,
+                lr=self.lr,
+                ssl_checkpoint=first_stage,
+                scale=self.scale,
+                filters=self.filters,
+                modality=self.modality,
+                num_workers=self.num_workers,
+                amp=self.amp,
+                seed=self.seed,
+                checkpoint_every=self.checkpoint_every,
+                max_iterations=self.max_iterations,
+                method_options=self.method_options,
+            )
+        )
+        results = self._evaluate(out, demo, first_stage, summary.encoder_path, summary.arch, image_size)
+        report = {"summary": summary, "results": results, "minutes": (time.time() - started) / 60}
+        print_summary(self, report)
+        return report
+
+    def _data_dir(self, out: Path, demo: bool) -> Path:
+        from medp2x.data.base import existing_path
+
+        if not demo:
+            return existing_path(self.data_dir, "data_dir")
+        from medp2x.demo import write_demo_slide
+
+        print("[demo] no data_dir given: writing scikit-image's IHC section as a pyramidal TIFF slide")
+        return write_demo_slide(out / "demo_data").parent
+
+    def _first_stage(self, out: Path, demo: bool) -> Path | None:
+        if self.schedule == "p1x":
+            print("[1/4] P1X: no first stage, the encoder starts from random weights")
+            return None
+        if self.ssl_checkpoint:
+            from medp2x.data.base import existing_path
+
+            return existing_path(self.ssl_checkpoint, "ssl_checkpoint")
+        if not demo:
+            raise ValueError("ssl_checkpoint is required for P2X on your data (or use the p1x bundle)")
+        return make_demo_first_stage(out / "stage1", self)
+
+    def _evaluate(self, out, demo, first_stage, p2x_path, arch, image_size) -> list[dict]:
+        train, test = self._labelled_data(demo, image_size)
+        if train is None:
+            print("[4/4] no eval_dir given: skipping the downstream evaluation")
+            return []
+        from medp2x.evaluate import compare_encoders, format_table, write_results
+
+        encoders = {"Random": random_encoder(arch, 1 if self.modality == "gray" else 3)}
+        if first_stage is not None:
+            encoders["First stage"] = load_normalized(first_stage)
+        encoders[self.schedule.upper()] = load_normalized(p2x_path)
+        print(f"[4/4] {self.eval_protocol} evaluation of {', '.join(encoders)} on {len(train)} train / {len(test)} test samples")
+        rows = compare_encoders(
+            encoders,
+            train,
+            test,
+            protocol=self.eval_protocol,
+            epochs=self.eval_epochs,
+            image_size=image_size,
+            seed=self.seed,
+        )
+        write_results(rows, out / "evaluation")
+        print(format_table(rows))
+        return rows
+
+    def _labelled_data(self, demo: bool, image_size: int):
+        if self.eval_dir:
+            from medp2x.data.base import existing_path
+            from medp2x.data.folder import ImageFolderDataset
+            from medp2x.evaluate import stratified_split
+
+            data = ImageFolderDataset(existing_path(self.eval_dir, "eval_dir"), gray=self.modality == "gray", on_error="skip")
+            return stratified_split(data, test_fraction=0.3, seed=self.seed)
+        if demo:
+            from medp2x.demo import ihc_labelled_tiles
+
+            print("[demo] labelled set: IHC tiles labelled background / haematoxylin / DAB-positive by colour deconvolution")
+            return ihc_labelled_tiles()
+        return None, None
+
+
+def make_demo_first_stage(folder: Path, job: P2XJob) -> Path:
+    """The demo's stand-in for a public ImageNet SSL checkpoint (see ``demo.py``)."""
+    from medp2x.demo import RandomCropDataset, natural_photos
+    from medp2x.engine import PretrainConfig, pretrain
+
+    print(
+        "[1/4] public ImageNet SSL weights cannot be downloaded here: making a small first-stage "
+        f"encoder with {job.method} on crops of scikit-image's natural photographs"
+    )
+    summary = pretrain(
+        PretrainConfig(
+            dataset=RandomCropDataset(natural_photos(), n_crops=1024, size=64, seed=job.seed),
+            output_dir=folder,
+            method=job.method,
+            profile=job.profile,
+            arch=job.arch,
+            epochs=job.first_stage_epochs,
+            seed=job.seed,
+            normalization="imagenet",
+            max_iterations=job.max_iterations,
+            method_options=job.method_options,
+        )
+    )
+    print(f"      first stage: loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}, weights {summary.encoder_path}")
+    return summary.encoder_path
+
+
+def load_normalized(path: str | Path) -> nn.Module:
+    from medp2x.checkpoints import load_encoder
+
+    encoder, report = load_encoder(path)
+    norm = report.normalization or {}
+    return NormalizedEncoder(encoder, norm.get("mean"), norm.get("std"))
+
+
+def random_encoder(arch: str, in_channels: int = 3) -> nn.Module:
+    return NormalizedEncoder(build_encoder(arch, in_channels), IMAGENET_MEAN, IMAGENET_STD)
+
+
+def print_summary(job: P2XJob, report: dict) -> None:
+    s = report["summary"]
+    lines = [
+        "",
+        f"== {job.name}: done in {report['minutes']:.1f} min ==",
+        f"outputs      : {Path(job.output_dir).resolve()}",
+        f"encoder      : {s.encoder_path}",
+        f"tensorboard  : tensorboard --logdir {s.output_dir / 'tb'}",
+        f"{job.schedule} loss     : {s.first_loss:.4f} (first iteration) -> {s.last_loss:.4f} (last), "
+        f"{s.iterations} iterations{' (resumed)' if s.resumed else ''}",
+        f"surgery      : {'applied (see surgery_report.csv)' if s.surgery_applied else 'not applied on this run'}",
+    ]
+    for row in report["results"]:
+        lines.append(f"downstream   : {row['encoder']:<12} accuracy {row['accuracy']:.3f}  macro-F1 {row['macro_f1']:.3f}")
+    print("\n".join(lines))
