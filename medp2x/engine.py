@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import DeterministicEngine, Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from medp2x import __version__
 from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_encoder
@@ -134,6 +134,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     """Run (or resume) one self-supervised pretraining run and write its encoder."""
     from medp2x.checkpoints import load_encoder, save_encoder
     from medp2x.methods import build_method, recipe_for
+    from medp2x.methods.base import override_recipe
     from medp2x.optim import build_optimizer
     from medp2x.surgery import SurgeryHandler
     from medp2x.views import build_views
@@ -144,12 +145,13 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     torch.manual_seed(cfg.seed)
 
     recipe = recipe_for(cfg.method, cfg.profile)
-    arch = cfg.arch or recipe.arch
-    image_size = cfg.image_size or recipe.image_size
-    batch_size = cfg.batch_size or recipe.batch_size
-    epochs = cfg.epochs or recipe.epochs
+    overrides = dict(arch=cfg.arch, image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=cfg.epochs)
+    recipe = override_recipe(recipe, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.lr is not None:  # an explicit peak learning rate: no batch-size scaling
+        world_batch = recipe.batch_size * idist.get_world_size()
+        recipe = override_recipe(recipe, base_lr=cfg.lr, lr_batch_divisor=world_batch)
+    arch, batch_size, epochs = recipe.arch, recipe.batch_size, recipe.epochs
     channels = 1 if cfg.modality == "gray" else 3
-    recipe = rescale_recipe(recipe, arch=arch, image_size=image_size, batch_size=batch_size, epochs=epochs, lr=cfg.lr)
 
     # Encoder: the first-stage SSL weights (P2X) or random (P1X). On resume the weights come
     # from the run's checkpoint, but the first-stage file still decides the normalisation.
@@ -164,19 +166,31 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     normalization = resolve_normalization(cfg, report)
     normalize = Normalize(*(normalization or {}).values()) if normalization else Normalize(None, None)
 
-    method = build_method(cfg.method, encoder, profile=cfg.profile, recipe=recipe, **cfg.method_options)
+    method = build_method(cfg.method, encoder, recipe=recipe, **cfg.method_options)
+    recipe = method.recipe
     device = idist.device()
     model = idist.auto_model(method)
     normalize = normalize.to(device)
     augment = build_views(cfg.method, cfg.modality, recipe.views, device=device)
 
+    # The shuffle order is a function of (seed, epoch) alone, never of the global RNG, so a
+    # resumed run sees the same batches (Ignite's ReproducibleBatchSampler draws its order
+    # lazily, after the resumed RNG state is restored, which breaks that for RandomSampler).
+    sampler = DistributedSampler(
+        cfg.dataset,
+        num_replicas=idist.get_world_size(),
+        rank=idist.get_rank(),
+        shuffle=True,
+        seed=cfg.seed,
+        drop_last=True,
+    )
     loader = idist.auto_dataloader(
         cfg.dataset,
         batch_size=batch_size,
-        shuffle=True,
+        sampler=sampler,
         drop_last=True,
         num_workers=cfg.num_workers,
-        collate_fn=collate_images(recipe.views.load_size, channels),
+        collate_fn=collate_images(recipe.views.large_size, channels),
         persistent_workers=cfg.num_workers > 0,
     )
     if len(loader) == 0:
@@ -205,6 +219,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         return logs
 
     trainer = DeterministicEngine(training_step)
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch - 1))
     meta = {
         "version": __version__,
         "arch": arch,
@@ -245,7 +260,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         )
 
     if resume_from is not None:
-        state = torch.load(resume_from, map_location="cpu", weights_only=True)
+        state = load_run_checkpoint(resume_from)
         Checkpoint.load_objects(to_load=to_save, checkpoint=state)
         logger.info("resuming from %s (iteration %d)", resume_from, trainer.state.iteration)
         if idist.get_rank() == 0:
@@ -273,17 +288,17 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     )
 
 
-def rescale_recipe(recipe: Any, **values: Any) -> Any:
-    """The recipe with the user's overrides (``None`` keeps the recipe's value)."""
-    from dataclasses import replace
+def load_run_checkpoint(path: Path) -> dict:
+    """A run checkpoint, loaded with ``weights_only=True``.
 
-    updates = {k: v for k, v in values.items() if v is not None and k != "lr"}
-    if values.get("lr") is not None:
-        updates["base_lr"] = values["lr"]
-        updates["lr_batch_divisor"] = 0
-    if "image_size" in updates:
-        updates["views"] = recipe.views.scaled_to(updates["image_size"])
-    return replace(recipe, **updates)
+    The trainer state carries NumPy's RNG state (a uint32 array) so a resumed run draws the same
+    random numbers; only NumPy's array reconstruction is allow-listed for it.
+    """
+    import numpy as np
+
+    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def attach_loggers(trainer: Engine, out: Path, progress: bool) -> None:

@@ -47,6 +47,7 @@ class P2XJob:
     filters: str = "copy"
     modality: str = "rgb"
     eval_dir: str | None = None
+    make_eval_data: Callable[[], tuple[Dataset, Dataset]] | None = None  # overrides eval_dir
     eval_protocol: str = "linear"
     eval_epochs: int = 30
     num_workers: int = 0
@@ -153,6 +154,8 @@ class P2XJob:
         return rows
 
     def _labelled_data(self, demo: bool, image_size: int):
+        if self.make_eval_data is not None:
+            return self.make_eval_data()
         if self.eval_dir:
             from medp2x.data.base import existing_path
             from medp2x.data.folder import ImageFolderDataset

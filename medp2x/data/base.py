@@ -45,6 +45,12 @@ class SkipLog:
     def __len__(self) -> int:
         return len(self.skipped)
 
+    def __getstate__(self) -> dict:  # DataLoader workers started by "spawn" pickle datasets
+        return {"skipped": list(self.skipped)}
+
+    def __setstate__(self, state: dict) -> None:
+        self.skipped, self._lock = state["skipped"], threading.Lock()
+
     def summary(self) -> str:
         if not self.skipped:
             return "all files readable"

@@ -1,0 +1,488 @@
+"""Augmented views of whole batches, on the training device, each sample with its own draw.
+
+Why not torchvision or kornia: ``torchvision.transforms.v2`` draws *one* set of random
+parameters per call, so a batched tensor gets the same crop, jitter and blur for every sample;
+its functional ops take scalar factors. Per-sample randomness with torchvision alone means one
+call per sample in DataLoader workers, which is what this module replaces (see
+``benchmarks/views_device.py`` and ``docs/augmentations.md``). kornia would provide batched
+per-sample augmentation, but it is a new dependency for a dozen short ops that are written
+below with per-row parameters, and tested against torchvision's functional ops.
+
+Design: ``BatchAugment.plan`` draws every random parameter on the CPU (small vectors, from a
+CPU ``torch.Generator``: no device syncs, and the same seed gives the same views on any
+device); ``BatchAugment.__call__`` applies them: one ``roi_align`` call crops and resizes all
+views of one size, then each photometric op runs on the rows that drew it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+MODALITIES = ("rgb", "gray")
+JITTER_OPS = ("brightness", "contrast", "saturation", "hue", "gamma")
+_LUMA = (0.2989, 0.587, 0.114)  # the weights of torchvision's rgb_to_grayscale
+_CHROMA_OPS = ("saturation", "hue")  # need three channels
+
+
+@dataclass(frozen=True)
+class ViewAugment:
+    """Photometric recipe of one view; strengths follow torchvision's ColorJitter.
+
+    brightness/contrast/saturation ``s``: factor uniform in [max(0, 1 - s), 1 + s];
+    hue ``h``: shift uniform in [-h, h] (fraction of the hue circle);
+    gamma ``g``: exponent log-uniform in [1 / (1 + g), 1 + g] (grayscale recipes).
+    The jitter ops run in a random order per sample, like ColorJitter.
+    """
+
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gamma: float = 0.0
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+    solarize_threshold: float = 0.5
+
+
+@dataclass(frozen=True)
+class AugmentRecipe:
+    """One method's views: ``large`` recipes are cycled over the large crops (BYOL's two
+    views differ), ``small`` serves every small crop; scales are the crop area fractions."""
+
+    large: tuple[ViewAugment, ...]
+    small: ViewAugment
+    large_scale: tuple[float, float]
+    small_scale: tuple[float, float] = (0.05, 0.14)
+
+
+_SIMCLR = ViewAugment(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)  # strength s = 1
+_BYOL_1 = ViewAugment(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, blur_p=1.0)
+_BYOL_2 = replace(_BYOL_1, blur_p=0.1, solarize_p=0.2)
+_MOCO_V2 = ViewAugment(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+
+# Published recipes: SimCLR (Chen et al. 2020, App. A), BYOL (Grill et al. 2020, Table 6),
+# SwAV (Caron et al. 2020, main_swav.py), MoCo v2 (Chen et al. 2020, main_moco.py --aug-plus).
+RECIPES: dict[str, AugmentRecipe] = {
+    "simclr": AugmentRecipe((_SIMCLR,), _SIMCLR, (0.08, 1.0)),
+    "byol": AugmentRecipe((_BYOL_1, _BYOL_2), _BYOL_2, (0.08, 1.0)),
+    "swav": AugmentRecipe((_SIMCLR,), _SIMCLR, (0.14, 1.0), (0.05, 0.14)),
+    "moco": AugmentRecipe((_MOCO_V2,), _MOCO_V2, (0.2, 1.0)),
+}
+
+
+def gray_variant(aug: ViewAugment) -> ViewAugment:
+    """The grayscale-modality recipe (X-ray, ultrasound, MRI): no chroma to jitter, so
+    saturation, hue and random grayscale go; a gamma jitter of the saturation strength takes
+    their place (a medp2x choice: the originals define no grayscale recipe)."""
+    return replace(aug, saturation=0.0, hue=0.0, gray_p=0.0, gamma=aug.saturation)
+
+
+def view_augments(
+    method: str, modality: str, n_large: int, n_small: int, overrides: Mapping[str, Any] | None
+) -> list[ViewAugment]:
+    """The recipe of every view, large crops first, with ``overrides`` applied to all."""
+    if method not in RECIPES:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RECIPES)}")
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
+    recipe = RECIPES[method]
+    augs = [recipe.large[i % len(recipe.large)] for i in range(n_large)] + [recipe.small] * n_small
+    if modality == "gray":
+        augs = [gray_variant(a) for a in augs]
+    if overrides:
+        known = {f.name for f in fields(ViewAugment)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown augmentation override(s) {unknown}; known: {sorted(known)}")
+        augs = [replace(a, **overrides) for a in augs]
+    return augs
+
+
+# ---------------------------------------------------------------------------------------------
+# Vectorised ops: x is N×C×H×W in [0, 1], every parameter a length-N tensor (one per row).
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, 1, 1, 1).to(dtype=torch.float32)
+
+
+def luma(x: torch.Tensor) -> torch.Tensor:
+    """N×1×H×W luminance of RGB rows."""
+    w = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
+    return torch.einsum("nchw,c->nhw", x, w).unsqueeze(1)
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = _rows(factor)
+    return (x * f).add_(other * (1.0 - f)).clamp_(0.0, 1.0)
+
+
+def brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (x * _rows(factor)).clamp_(0.0, 1.0)
+
+
+def contrast(x: torch.Tensor, factor: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+    """Blend with the mean grey level; ``per_channel`` keeps channels apart (gray stacks)."""
+    mean = x.mean((-2, -1), keepdim=True)  # mean of luma = luma of the channel means
+    if not per_channel:
+        mean = luma(mean) if x.shape[1] == 3 else mean.mean(1, keepdim=True)
+    return _blend(x, mean, factor)
+
+
+def saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return _blend(x, luma(x), factor)
+
+
+def hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Rotate the HSV hue by ``shift`` (fraction of the circle), as torchvision's adjust_hue.
+
+    Written in terms of max M, chroma C and the hexagonal hue 6h: channel n of (R, G, B) is
+    M - C clamp(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6, n = (5, 3, 1) — fewer full-size
+    passes than RGB -> HSV -> RGB (this op dominates colour jitter on CPU)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)
+    chroma = maxc - minc
+    inv = chroma.clamp_min(1e-12).reciprocal_()  # C = 0: all channels equal, numerators 0
+    h6 = torch.where(maxc == g, (b - r).mul_(inv).add_(2.0), (r - g).mul_(inv).add_(4.0))
+    h6 = torch.where(maxc == r, (g - b).mul_(inv), h6)
+    h6 += 6.0 * shift.view(-1, 1, 1).to(x.dtype)
+    n = torch.tensor([5.0, 3.0, 1.0], device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    k = torch.remainder(h6.unsqueeze(1) + n, 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return ramp.mul_(chroma.unsqueeze(1).neg()).add_(maxc.unsqueeze(1)).clamp_(0.0, 1.0)
+
+
+def gamma(x: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    return x.clamp(0.0, 1.0).pow(_rows(exponent))
+
+
+def grayscale(x: torch.Tensor) -> torch.Tensor:
+    return luma(x).expand_as(x).contiguous()
+
+
+def solarize(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= _rows(threshold), 1.0 - x, x)
+
+
+def hflip(x: torch.Tensor) -> torch.Tensor:
+    return x.flip(-1)
+
+
+def blur_kernel_size(size: int, fraction: float = 0.1) -> int:
+    """Odd kernel of about ``fraction`` of the image side, as SimCLR/BYOL (23 at 224 px)."""
+    return max(3, 2 * (int(fraction * size) // 2) + 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Separable Gaussian blur with one sigma per row: a grouped conv whose groups are the
+    N*C channels, each with its own kernel; reflect padding as torchvision."""
+    n, c, h, w = x.shape
+    half = min(kernel_size // 2, h - 1, w - 1)
+    t = torch.arange(-half, half + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(device=x.device, dtype=x.dtype).clamp_min(1e-6).view(-1, 1)
+    kernel = torch.exp(-0.5 * (t / s) ** 2)
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(c, 0)
+    y = F.pad(x.reshape(1, n * c, h, w), (half, half, half, half), mode="reflect")
+    y = F.conv2d(y, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(y, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def resized_crops(
+    images: torch.Tensor, boxes: torch.Tensor, batch_index: torch.Tensor, size: int
+) -> torch.Tensor:
+    """Crop box k (x1, y1, x2, y2 in pixels) of image ``batch_index[k]`` and resize it to
+    size×size, all in one ``roi_align`` call. With ``aligned=True`` and adaptive sampling this
+    is bilinear resizing when enlarging and area-averaged bilinear (anti-aliased) when shrinking;
+    samples within half a pixel of the box edge read the real neighbours outside the box
+    (torchvision's crop-then-resize replicates the crop's edge there)."""
+    rois = torch.cat([batch_index.view(-1, 1).to(boxes.dtype), boxes], 1)
+    rois = rois.to(device=images.device, dtype=images.dtype)
+    return roi_align(images, rois, (size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter sampling (CPU, vectorised over rows).
+
+
+def _uniform(lo: torch.Tensor, hi: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(lo.shape, generator=g)
+
+
+def _bernoulli(p: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(p.shape, generator=g) < p
+
+
+def sample_crop_boxes(
+    n: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    g: torch.Generator | None = None,
+    attempts: int = 10,
+) -> torch.Tensor:
+    """RandomResizedCrop's box sampler (10 tries, then a central crop), for n rows at once.
+    Returns n×4 float boxes (x1, y1, x2, y2) on integer pixel edges."""
+    area = height * width
+    target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=g))
+    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
+        n, attempts, generator=g
+    )
+    aspect = torch.exp(log_r)
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = ok.to(torch.int8).argmax(1, keepdim=True)
+    w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
+    fb_w, fb_h = _fallback_crop(height, width, ratio)
+    w = torch.where(found, w, torch.full_like(w, fb_w))
+    h = torch.where(found, h, torch.full_like(h, fb_h))
+    u = torch.rand(n, 2, generator=g)
+    top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), (height - h) // 2)
+    left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), (width - w) // 2)
+    return torch.stack([left, top, left + w, top + h], 1)
+
+
+def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float]:
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return float(width), float(round(width / min(ratio)))
+    if in_ratio > max(ratio):
+        return float(round(height * max(ratio))), float(height)
+    return float(width), float(height)
+
+
+@dataclass
+class GroupPlan:
+    """Random parameters of the views that share one output size (rows = views × batch,
+    view-major). Jitter factors are identities where a row did not draw the op."""
+
+    size: int
+    views: list[int]
+    batch_index: torch.Tensor
+    boxes: torch.Tensor
+    flip: torch.Tensor
+    jitter: dict[str, torch.Tensor] = field(default_factory=dict)  # op -> rows that apply it
+    factors: dict[str, torch.Tensor] = field(default_factory=dict)  # op -> factor per row
+    order: torch.Tensor | None = None  # rows × len(JITTER_OPS): each row's op order
+    gray: torch.Tensor | None = None
+    blur: torch.Tensor | None = None
+    sigma: torch.Tensor | None = None
+    solarize: torch.Tensor | None = None
+    threshold: torch.Tensor | None = None
+
+
+def _per_row(augs: Sequence[ViewAugment], name: str, batch: int) -> torch.Tensor:
+    return torch.tensor([float(getattr(a, name)) for a in augs]).repeat_interleave(batch)
+
+
+def _sample_jitter(plan: GroupPlan, augs, batch, g) -> None:
+    applied = _bernoulli(_per_row(augs, "jitter_p", batch), g)
+    plan.order = torch.rand(len(applied), len(JITTER_OPS), generator=g).argsort(1)
+    for op in JITTER_OPS:
+        s = _per_row(augs, op, batch)
+        if op == "hue":
+            lo, hi = -s, s
+        elif op == "gamma":
+            lo, hi = -torch.log1p(s), torch.log1p(s)
+        else:
+            lo, hi = (1.0 - s).clamp_min(0.0), 1.0 + s
+        factor = _uniform(lo, hi, g)
+        plan.factors[op] = factor.exp() if op == "gamma" else factor
+        plan.jitter[op] = applied & (s > 0)
+
+
+def sample_group(
+    augs: Sequence[ViewAugment],
+    views: list[int],
+    size: int,
+    batch: int,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    g: torch.Generator | None,
+) -> GroupPlan:
+    """Every random parameter of one group, drawn in a fixed order (seeded runs repeat)."""
+    n = len(augs) * batch
+    plan = GroupPlan(
+        size=size,
+        views=views,
+        batch_index=torch.arange(n) % batch,
+        boxes=sample_crop_boxes(n, height, width, scale, ratio, g),
+        flip=_bernoulli(_per_row(augs, "flip_p", batch), g),
+    )
+    _sample_jitter(plan, augs, batch, g)
+    plan.gray = _bernoulli(_per_row(augs, "gray_p", batch), g)
+    plan.blur = _bernoulli(_per_row(augs, "blur_p", batch), g)
+    lo = torch.tensor([a.blur_sigma[0] for a in augs]).repeat_interleave(batch)
+    hi = torch.tensor([a.blur_sigma[1] for a in augs]).repeat_interleave(batch)
+    plan.sigma = _uniform(lo, hi, g)
+    plan.solarize = _bernoulli(_per_row(augs, "solarize_p", batch), g)
+    plan.threshold = _per_row(augs, "solarize_threshold", batch)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply_rows(
+    x: torch.Tensor, rows: torch.Tensor, op: Callable[..., torch.Tensor], *params: torch.Tensor
+) -> torch.Tensor:
+    """Run ``op`` only on the selected rows (CPU mask: no device sync), in place."""
+    idx = rows.nonzero().view(-1)
+    if idx.numel() == 0:
+        return x
+    if idx.numel() == x.shape[0]:
+        return op(x, *(p.to(x.device) for p in params))
+    idx_dev = idx.to(x.device)
+    sub = op(x.index_select(0, idx_dev), *(p[idx].to(x.device) for p in params))
+    return x.index_copy_(0, idx_dev, sub)
+
+
+class BatchAugment:
+    """Callable: ``augment(images B×C×H×W in [0, 1]) -> list of views`` in [0, 1], large crops
+    first. Every sample of every view draws its own crop, flip, jitter, blur and solarize.
+
+    ``generator``: a CPU ``torch.Generator`` for reproducible views (default: torch's global
+    RNG, which Ignite/``manual_seed`` seeds). ``modality="gray"`` keeps channels independent
+    (contrast about each channel's own mean), so gray stacks stay gray.
+    """
+
+    def __init__(
+        self,
+        views: Sequence[ViewAugment],
+        sizes: Sequence[int],
+        scales: Sequence[tuple[float, float]],
+        modality: str = "rgb",
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        blur_kernel_fraction: float = 0.1,
+    ):
+        if not (len(views) == len(sizes) == len(scales)) or not views:
+            raise ValueError("views, sizes and scales must be non-empty and of equal length")
+        if modality not in MODALITIES:
+            raise ValueError(
+                f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}"
+            )
+        if generator is not None and generator.device.type != "cpu":
+            raise ValueError(
+                "generator must be a CPU torch.Generator (parameters are drawn on CPU)"
+            )
+        self.views, self.sizes = list(views), [int(s) for s in sizes]
+        self.scales = [tuple(map(float, s)) for s in scales]
+        self.modality, self.generator = modality, generator
+        self.device = torch.device(device) if device is not None else None
+        self.ratio, self.blur_kernel_fraction = ratio, blur_kernel_fraction
+
+    def __repr__(self) -> str:
+        return (
+            f"BatchAugment(modality={self.modality!r}, sizes={self.sizes}, "
+            f"scales={self.scales}, views={self.views})"
+        )
+
+    def _groups(self) -> dict[tuple[int, tuple[float, float]], list[int]]:
+        groups: dict[tuple[int, tuple[float, float]], list[int]] = {}
+        for i, key in enumerate(zip(self.sizes, self.scales, strict=True)):
+            groups.setdefault(key, []).append(i)
+        return groups
+
+    def plan(
+        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+    ) -> list[GroupPlan]:
+        """Draw the random parameters of all views for a batch of height×width images."""
+        g = generator if generator is not None else self.generator
+        return [
+            sample_group(
+                [self.views[i] for i in idx], idx, size, batch, height, width, scale, self.ratio, g
+            )
+            for (size, scale), idx in self._groups().items()
+        ]
+
+    def __call__(
+        self, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> list[torch.Tensor]:
+        images = self._prepare(images)
+        batch, _, height, width = images.shape
+        out: list[torch.Tensor | None] = [None] * len(self.views)
+        with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
+            for plan in self.plan(batch, height, width, generator):
+                x = self.apply(images, plan)
+                for k, view in enumerate(plan.views):
+                    out[view] = x[k * batch : (k + 1) * batch]
+        return out  # type: ignore[return-value]
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor) or images.ndim != 4:
+            raise ValueError(
+                f"expected a B×C×H×W tensor, got {getattr(images, 'shape', type(images))}"
+            )
+        if self.device is not None:
+            images = images.to(self.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            return images.float().div_(255.0)
+        if not images.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1] or uint8, got {images.dtype}")
+        return images.float()
+
+    def apply(self, images: torch.Tensor, plan: GroupPlan) -> torch.Tensor:
+        """Apply one group's drawn parameters: crop+resize, flip, jitter, gray, blur, solarize."""
+        channels = images.shape[1]
+        colour = self.modality == "rgb" and channels == 3
+        if self.modality == "rgb" and channels not in (1, 3):
+            raise ValueError(f"modality 'rgb' needs 1 or 3 channels, got {channels}")
+        x = resized_crops(images, plan.boxes, plan.batch_index, plan.size)
+        x = _apply_rows(x, plan.flip, hflip)
+        ops: dict[str, Callable[..., torch.Tensor]] = {
+            "brightness": brightness,
+            "contrast": lambda t, f: contrast(t, f, per_channel=self.modality == "gray"),
+            "saturation": saturation,
+            "hue": hue,
+            "gamma": gamma,
+        }
+        for slot in range(len(JITTER_OPS)):
+            for op_id, name in enumerate(JITTER_OPS):
+                if name in _CHROMA_OPS and not colour:
+                    continue  # identity on one channel; never applied to gray stacks
+                rows = plan.jitter[name] & (plan.order[:, slot] == op_id)
+                x = _apply_rows(x, rows, ops[name], plan.factors[name])
+        if colour:
+            x = _apply_rows(x, plan.gray, grayscale)
+        k = blur_kernel_size(plan.size, self.blur_kernel_fraction)
+        x = _apply_rows(x, plan.blur, lambda t, s: gaussian_blur(t, s, k), plan.sigma)
+        x = _apply_rows(x, plan.solarize, solarize, plan.threshold)
+        return x.clamp_(0.0, 1.0)
+
+
+def build_views(
+    method: str,
+    modality: str,
+    spec: Any,
+    device: torch.device | str | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> BatchAugment:
+    """The method's published augmentations (or their grayscale variant) for ``spec``
+    (a ViewSpec: n_large crops of large_size, n_small of small_size, crop area scales).
+    ``overrides`` replaces ViewAugment fields in every view, e.g. ``{"flip_p": 0.0}``."""
+    recipe = RECIPES.get(method)
+    augs = view_augments(method, modality, int(spec.n_large), int(spec.n_small), overrides)
+    large_scale = tuple(getattr(spec, "large_scale", None) or recipe.large_scale)
+    small_scale = tuple(getattr(spec, "small_scale", None) or recipe.small_scale)
+    sizes = [spec.large_size] * spec.n_large + [spec.small_size] * spec.n_small
+    scales = [large_scale] * spec.n_large + [small_scale] * spec.n_small
+    return BatchAugment(augs, sizes, scales, modality, device, generator)

@@ -1,0 +1,107 @@
+"""The pretraining engine: loss goes down, checkpoints are written, a killed run resumes to
+exactly the weights of an uninterrupted one, and surgery runs on fresh runs only."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from medp2x.checkpoints import read_checkpoint, save_encoder
+from medp2x.engine import PretrainConfig, latest_checkpoint, pretrain, read_loss_log
+from medp2x.networks import build_encoder
+
+
+class Blobs(Dataset):
+    """Deterministic synthetic images with structure (coloured blobs on noise)."""
+
+    def __init__(self, n: int = 32, size: int = 32, channels: int = 3):
+        g = torch.Generator().manual_seed(0)
+        yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        self.images = []
+        for _ in range(n):
+            cy, cx, r = (torch.rand(3, generator=g) * torch.tensor([size, size, size / 3])).tolist()
+            mask = ((yy - cy) ** 2 + (xx - cx) ** 2 < (r + 3) ** 2).float()
+            colour = torch.rand(channels, 1, 1, generator=g)
+            noise = 0.1 * torch.rand(channels, size, size, generator=g)
+            self.images.append((mask * colour + noise).clamp(0, 1))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": -1, "meta": {"index": i}}
+
+
+def tiny_config(tmp_path, name, **kw) -> PretrainConfig:
+    base = dict(
+        dataset=Blobs(),
+        output_dir=tmp_path / name,
+        method="simclr",
+        profile="tiny",
+        arch="resnet18",
+        image_size=32,
+        batch_size=8,
+        epochs=2,
+        progress=False,
+        checkpoint_every=3,
+        n_saved=10,
+    )
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def encoder_weights(path):
+    state, _ = read_checkpoint(path)
+    return state
+
+
+def test_pretrain_writes_outputs_and_loss(tmp_path):
+    summary = pretrain(tiny_config(tmp_path, "run"))
+    out = tmp_path / "run"
+    assert summary.iterations == 2 * (32 // 8)
+    assert (out / "encoder.pt").is_file() and (out / "run_config.json").is_file()
+    assert list((out / "tb").glob("events.*")), "TensorBoard events missing"
+    losses = read_loss_log(out)
+    assert len(losses) == summary.iterations
+    assert summary.first_loss == losses[0] and summary.last_loss == losses[-1]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert latest_checkpoint(out / "checkpoints").name == f"checkpoint_{summary.iterations}.pt"
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    full = pretrain(tiny_config(tmp_path, "full"))
+    # "Kill" after iteration 5 with only the mid-epoch checkpoint at 3 on disk:
+    # iterations 4-5 are lost work and must be redone identically.
+    killed = pretrain(tiny_config(tmp_path, "killed", max_iterations=5))
+    assert killed.iterations == 5
+    ckpts = tmp_path / "killed" / "checkpoints"
+    for path in ckpts.glob("checkpoint_*.pt"):
+        if int(path.stem.split("_")[1]) > 3:
+            path.unlink()
+    assert latest_checkpoint(ckpts).name == "checkpoint_3.pt"
+    resumed = pretrain(tiny_config(tmp_path, "killed"))
+    assert resumed.resumed and resumed.iterations == full.iterations
+    a, b = encoder_weights(full.encoder_path), encoder_weights(resumed.encoder_path)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    assert read_loss_log(tmp_path / "killed") == read_loss_log(tmp_path / "full")
+
+
+def test_surgery_on_fresh_run_only(tmp_path):
+    encoder = build_encoder("resnet18")
+    with torch.no_grad():  # an inflated first stage, like an ImageNet SSL checkpoint
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.mul_(20)
+    first = tmp_path / "first.pt"
+    save_encoder(first, encoder.state_dict(), arch="resnet18", in_channels=3, normalization=None)
+    cfg = dict(ssl_checkpoint=first, max_iterations=3)
+    fresh = pretrain(tiny_config(tmp_path, "p2x", **cfg))
+    assert fresh.surgery_applied
+    report = tmp_path / "p2x" / "surgery_report.csv"
+    assert report.is_file()
+    stamp = report.stat().st_mtime_ns
+    resumed = pretrain(tiny_config(tmp_path, "p2x", ssl_checkpoint=first))
+    assert resumed.resumed and not resumed.surgery_applied
+    assert report.stat().st_mtime_ns == stamp
