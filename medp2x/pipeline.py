@@ -157,12 +157,16 @@ class P2XJob:
         if self.make_eval_data is not None:
             return self.make_eval_data()
         if self.eval_dir:
+            from torch.utils.data import Subset
+
             from medp2x.data.base import existing_path
             from medp2x.data.folder import ImageFolderDataset
-            from medp2x.evaluate import stratified_split
+            from medp2x.evaluate import dataset_labels, stratified_split
 
-            data = ImageFolderDataset(existing_path(self.eval_dir, "eval_dir"), gray=self.modality == "gray", on_error="skip")
-            return stratified_split(data, test_fraction=0.3, seed=self.seed)
+            root = existing_path(self.eval_dir, "eval_dir")
+            data = ImageFolderDataset(root, gray=self.modality == "gray", image_size=image_size, on_error="skip")
+            train, test = stratified_split(dataset_labels(data), fraction=0.3, seed=self.seed)
+            return Subset(data, train.tolist()), Subset(data, test.tolist())
         if demo:
             from medp2x.demo import ihc_labelled_tiles
 
