@@ -163,7 +163,7 @@ def read_checkpoint(
     path: str | Path,
     format: str = "auto",
     allow_partial: bool = False,
-    in_channels: int = 3,
+    in_channels: int | None = 3,
     gray: str = "sum",
     arch: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
@@ -182,8 +182,8 @@ def read_checkpoint(
         )
     if gray not in GRAY_MODES:
         raise ValueError(f"gray must be one of {', '.join(GRAY_MODES)}, not {gray!r}")
-    if in_channels not in (1, 3):
-        raise ValueError(f"in_channels must be 1 or 3, not {in_channels}")
+    if in_channels not in (1, 3, None):
+        raise ValueError(f"in_channels must be 1, 3 or None (as stored), not {in_channels}")
     path = Path(path)
     obj = load_file(path)
     fmt = detect_format(obj, path) if format == "auto" else format
@@ -197,7 +197,7 @@ def read_checkpoint(
 def load_encoder(
     path: str | Path,
     arch: str | None = None,
-    in_channels: int = 3,
+    in_channels: int | None = 3,
     format: str = "auto",
     allow_partial: bool = False,
     gray: str = "sum",
@@ -359,9 +359,23 @@ def load_file(path: str | Path) -> Any:
     return safe_unpickle(path)
 
 
+def _numpy_array_globals() -> list:
+    """NumPy's array rebuilders, allow-listed for ``weights_only`` loads: medp2x run checkpoints
+    carry NumPy's RNG state (a uint32 array) so resumed runs draw the same random numbers.
+    They rebuild arrays from bytes and call nothing else."""
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def torch_load_safe(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` that also accepts plain NumPy arrays."""
+    with torch.serialization.safe_globals(_numpy_array_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def _torch_load(path: Path) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch_load_safe(path)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL ([\w.]+)", str(err))
         what = found[1] if found else "an object that is not a tensor or plain container"
@@ -1051,7 +1065,7 @@ def _assemble(
 def _adapt_stem(
     path: Path, state: dict[str, torch.Tensor], report: LoadReport, in_channels: int, gray: str
 ) -> dict[str, torch.Tensor]:
-    if in_channels == report.in_channels:
+    if in_channels is None or in_channels == report.in_channels:
         return state
     if report.in_channels != 3:
         raise ValueError(

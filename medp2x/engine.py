@@ -53,7 +53,10 @@ class PretrainConfig:
     scale: str = "per_layer"  # weight surgery, applied only to a fresh run from ssl_checkpoint
     filters: str = "copy"
     modality: str = "rgb"  # "rgb" or "gray": channels of the stem and the augmentation recipe
-    normalization: dict | str | None = "auto"  # "auto": what the checkpoint expects
+    normalization: dict | str | None = (
+        "auto"  # "auto": what the checkpoint expects; "imagenet"; "none"
+    )
+    gray_stem: str = "sum"  # gray data from an RGB checkpoint: "sum" (1-channel stem) or "repeat"
     num_workers: int = 0
     amp: bool = False  # bf16 autocast
     seed: int = 0
@@ -78,6 +81,20 @@ class RunSummary:
     surgery_applied: bool
 
 
+class RunMeta:
+    """What a checkpoint's weights are (arch, channels, normalisation, method), saved with them
+    so any later reader knows how to feed the encoder."""
+
+    def __init__(self, meta: dict):
+        self.meta = meta
+
+    def state_dict(self) -> dict:
+        return dict(self.meta)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.meta.update(state)
+
+
 def collate_images(size: int, channels: int) -> Callable[[Sequence[dict]], torch.Tensor]:
     """Stack sample images into one batch, resizing and matching channels where they differ.
 
@@ -91,7 +108,11 @@ def collate_images(size: int, channels: int) -> Callable[[Sequence[dict]], torch
             image = match_channels(image, channels)
             if image.shape[-2:] != (size, size):
                 image = F.interpolate(
-                    image[None], size=(size, size), mode="bilinear", antialias=True, align_corners=False
+                    image[None],
+                    size=(size, size),
+                    mode="bilinear",
+                    antialias=True,
+                    align_corners=False,
                 )[0]
             images.append(image)
         return torch.stack(images).clamp_(0, 1)
@@ -132,7 +153,7 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 def pretrain(cfg: PretrainConfig) -> RunSummary:
     """Run (or resume) one self-supervised pretraining run and write its encoder."""
-    from medp2x.checkpoints import load_encoder, save_encoder
+    from medp2x.checkpoints import load_encoder, save_encoder, torch_load_safe
     from medp2x.methods import build_method, recipe_for
     from medp2x.methods.base import override_recipe
     from medp2x.optim import build_optimizer
@@ -145,7 +166,9 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     torch.manual_seed(cfg.seed)
 
     recipe = recipe_for(cfg.method, cfg.profile)
-    overrides = dict(arch=cfg.arch, image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=cfg.epochs)
+    overrides = dict(
+        arch=cfg.arch, image_size=cfg.image_size, batch_size=cfg.batch_size, epochs=cfg.epochs
+    )
     recipe = override_recipe(recipe, **{k: v for k, v in overrides.items() if v is not None})
     if cfg.lr is not None:  # an explicit peak learning rate: no batch-size scaling
         world_batch = recipe.batch_size * idist.get_world_size()
@@ -158,13 +181,20 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     report = None
     if cfg.ssl_checkpoint:
         encoder, report = load_encoder(
-            cfg.ssl_checkpoint, arch=arch, in_channels=channels, format=cfg.checkpoint_format
+            cfg.ssl_checkpoint,
+            arch=arch,
+            in_channels=channels,
+            format=cfg.checkpoint_format,
+            gray=cfg.gray_stem,
         )
+        channels = report.in_channels  # "repeat" keeps a 3-channel stem: gray images are repeated
         logger.info("first-stage weights:\n%s", report)
     else:
         encoder = build_encoder(arch, in_channels=channels)
     normalization = resolve_normalization(cfg, report)
-    normalize = Normalize(*(normalization or {}).values()) if normalization else Normalize(None, None)
+    normalize = (
+        Normalize(*(normalization or {}).values()) if normalization else Normalize(None, None)
+    )
 
     method = build_method(cfg.method, encoder, recipe=recipe, **cfg.method_options)
     recipe = method.recipe
@@ -198,7 +228,9 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
             f"the dataset has {len(cfg.dataset)} samples, fewer than one batch of {batch_size}: "
             "lower batch_size or add data"
         )
-    optimizer, scheduler = build_optimizer(method, recipe, batch_size * idist.get_world_size(), len(loader))
+    optimizer, scheduler = build_optimizer(
+        method, recipe, batch_size * idist.get_world_size(), len(loader)
+    )
     total_iterations = epochs * len(loader)
 
     def training_step(engine: Engine, images: torch.Tensor) -> dict[str, float]:
@@ -214,7 +246,11 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         optimizer.step()
         scheduler.step()
         method.on_after_optimizer_step(engine.state.iteration / total_iterations)
-        logs = {k: float(v.detach()) for k, v in outputs.items() if torch.is_tensor(v) and v.numel() == 1}
+        logs = {
+            k: float(v.detach())
+            for k, v in outputs.items()
+            if torch.is_tensor(v) and v.numel() == 1
+        }
         logs["lr"] = optimizer.param_groups[0]["lr"]
         return logs
 
@@ -236,10 +272,21 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
             method.reset_momentum_encoders()
 
         SurgeryHandler(
-            method.encoder, scale=cfg.scale, filters=cfg.filters, seed=cfg.seed, output_dir=out, after=after_surgery
+            method.encoder,
+            scale=cfg.scale,
+            filters=cfg.filters,
+            seed=cfg.seed,
+            output_dir=out,
+            after=after_surgery,
         ).attach(trainer)
 
-    to_save = {"model": method, "optimizer": optimizer, "lr_scheduler": scheduler, "trainer": trainer}
+    to_save = {
+        "model": method,
+        "optimizer": optimizer,
+        "lr_scheduler": scheduler,
+        "trainer": trainer,
+        "meta": RunMeta(meta),
+    }
     saver = Checkpoint(
         to_save,
         DiskSaver(str(ckpt_dir), require_empty=False, create_dir=True, atomic=True),
@@ -260,11 +307,13 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         )
 
     if resume_from is not None:
-        state = load_run_checkpoint(resume_from)
+        state = torch_load_safe(resume_from)
         Checkpoint.load_objects(to_load=to_save, checkpoint=state)
         logger.info("resuming from %s (iteration %d)", resume_from, trainer.state.iteration)
         if idist.get_rank() == 0:
-            print(f"Resuming from {resume_from} at iteration {trainer.state.iteration}; no weight surgery.")
+            print(
+                f"Resuming from {resume_from} at iteration {trainer.state.iteration}; no weight surgery."
+            )
 
     torch.manual_seed(cfg.seed)  # DeterministicEngine draws its data seed from here
     trainer.run(loader, max_epochs=epochs)
@@ -288,26 +337,15 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     )
 
 
-def load_run_checkpoint(path: Path) -> dict:
-    """A run checkpoint, loaded with ``weights_only=True``.
-
-    The trainer state carries NumPy's RNG state (a uint32 array) so a resumed run draws the same
-    random numbers; only NumPy's array reconstruction is allow-listed for it.
-    """
-    import numpy as np
-
-    allowed = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def attach_loggers(trainer: Engine, out: Path, progress: bool) -> None:
     """Progress bar, TensorBoard scalars, and a CSV loss log that survives resumes."""
     from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
 
     out.mkdir(parents=True, exist_ok=True)
     if progress:
-        ProgressBar(persist=True).attach(trainer, output_transform=lambda logs: {"loss": logs["loss"]})
+        ProgressBar(persist=True).attach(
+            trainer, output_transform=lambda logs: {"loss": logs["loss"]}
+        )
     tb = TensorboardLogger(log_dir=str(out / "tb"))
     tb.attach(
         trainer,
@@ -328,7 +366,9 @@ def attach_loggers(trainer: Engine, out: Path, progress: bool) -> None:
     @trainer.on(Events.ITERATION_COMPLETED)
     def append_loss(engine: Engine) -> None:
         with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow([engine.state.iteration, engine.state.epoch, engine.state.output["loss"]])
+            csv.writer(f).writerow(
+                [engine.state.iteration, engine.state.epoch, engine.state.output["loss"]]
+            )
 
 
 def read_loss_rows(out: Path) -> list[dict]:
@@ -354,7 +394,9 @@ def write_run_config(out: Path, cfg: PretrainConfig, meta: dict, recipe: Any) ->
     """What was run, for the record (no data contents, no patient information)."""
     import json
 
-    record = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "dataset"}
+    record = {
+        k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items() if k != "dataset"
+    }
     record["ssl_checkpoint"] = str(cfg.ssl_checkpoint) if cfg.ssl_checkpoint else None
     record["recipe"] = asdict(recipe)
     record["meta"] = meta

@@ -46,6 +46,8 @@ class P2XJob:
     scale: str = "per_layer"
     filters: str = "copy"
     modality: str = "rgb"
+    normalization: str = "auto"
+    gray_stem: str = "sum"
     eval_dir: str | None = None
     make_eval_data: Callable[[], tuple[Dataset, Dataset]] | None = None  # overrides eval_dir
     eval_protocol: str = "linear"
@@ -77,7 +79,9 @@ class P2XJob:
         recipe = recipe_for(self.method, self.profile)
         image_size = self.image_size or recipe.image_size
         dataset = self.make_dataset(data_dir, image_size)
-        print(f"[2-3/4] {self.schedule.upper()} {self.method} pretraining on {len(dataset)} samples from {data_dir}")
+        print(
+            f"[2-3/4] {self.schedule.upper()} {self.method} pretraining on {len(dataset)} samples from {data_dir}"
+        )
         summary = pretrain(
             PretrainConfig(
                 dataset=dataset,
@@ -93,6 +97,8 @@ class P2XJob:
                 scale=self.scale,
                 filters=self.filters,
                 modality=self.modality,
+                normalization=self.normalization,
+                gray_stem=self.gray_stem,
                 num_workers=self.num_workers,
                 amp=self.amp,
                 seed=self.seed,
@@ -101,7 +107,9 @@ class P2XJob:
                 method_options=self.method_options,
             )
         )
-        results = self._evaluate(out, demo, first_stage, summary.encoder_path, summary.arch, image_size)
+        results = self._evaluate(
+            out, demo, first_stage, summary.encoder_path, summary.arch, image_size
+        )
         report = {"summary": summary, "results": results, "minutes": (time.time() - started) / 60}
         print_summary(self, report)
         return report
@@ -113,7 +121,9 @@ class P2XJob:
             return existing_path(self.data_dir, "data_dir")
         from medp2x.demo import write_demo_slide
 
-        print("[demo] no data_dir given: writing scikit-image's IHC section as a pyramidal TIFF slide")
+        print(
+            "[demo] no data_dir given: writing scikit-image's IHC section as a pyramidal TIFF slide"
+        )
         return write_demo_slide(out / "demo_data").parent
 
     def _first_stage(self, out: Path, demo: bool) -> Path | None:
@@ -125,7 +135,9 @@ class P2XJob:
 
             return existing_path(self.ssl_checkpoint, "ssl_checkpoint")
         if not demo:
-            raise ValueError("ssl_checkpoint is required for P2X on your data (or use the p1x bundle)")
+            raise ValueError(
+                "ssl_checkpoint is required for P2X on your data (or use the p1x bundle)"
+            )
         return make_demo_first_stage(out / "stage1", self)
 
     def _evaluate(self, out, demo, first_stage, p2x_path, arch, image_size) -> list[dict]:
@@ -139,7 +151,9 @@ class P2XJob:
         if first_stage is not None:
             encoders["First stage"] = load_normalized(first_stage)
         encoders[self.schedule.upper()] = load_normalized(p2x_path)
-        print(f"[4/4] {self.eval_protocol} evaluation of {', '.join(encoders)} on {len(train)} train / {len(test)} test samples")
+        print(
+            f"[4/4] {self.eval_protocol} evaluation of {', '.join(encoders)} on {len(train)} train / {len(test)} test samples"
+        )
         rows = compare_encoders(
             encoders,
             train,
@@ -164,13 +178,17 @@ class P2XJob:
             from medp2x.evaluate import dataset_labels, stratified_split
 
             root = existing_path(self.eval_dir, "eval_dir")
-            data = ImageFolderDataset(root, gray=self.modality == "gray", image_size=image_size, on_error="skip")
+            data = ImageFolderDataset(
+                root, gray=self.modality == "gray", image_size=image_size, on_error="skip"
+            )
             train, test = stratified_split(dataset_labels(data), fraction=0.3, seed=self.seed)
             return Subset(data, train.tolist()), Subset(data, test.tolist())
         if demo:
             from medp2x.demo import ihc_labelled_tiles
 
-            print("[demo] labelled set: IHC tiles labelled background / haematoxylin / DAB-positive by colour deconvolution")
+            print(
+                "[demo] labelled set: IHC tiles labelled background / haematoxylin / DAB-positive by colour deconvolution"
+            )
             return ihc_labelled_tiles()
         return None, None
 
@@ -198,16 +216,16 @@ def make_demo_first_stage(folder: Path, job: P2XJob) -> Path:
             method_options=job.method_options,
         )
     )
-    print(f"      first stage: loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}, weights {summary.encoder_path}")
+    print(
+        f"      first stage: loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}, weights {summary.encoder_path}"
+    )
     return summary.encoder_path
 
 
 def load_normalized(path: str | Path) -> nn.Module:
-    from medp2x.checkpoints import load_encoder
+    from medp2x.evaluate import resolve_encoder
 
-    encoder, report = load_encoder(path)
-    norm = report.normalization or {}
-    return NormalizedEncoder(encoder, norm.get("mean"), norm.get("std"))
+    return resolve_encoder(path)
 
 
 def random_encoder(arch: str, in_channels: int = 3) -> nn.Module:
@@ -227,5 +245,7 @@ def print_summary(job: P2XJob, report: dict) -> None:
         f"surgery      : {'applied (see surgery_report.csv)' if s.surgery_applied else 'not applied on this run'}",
     ]
     for row in report["results"]:
-        lines.append(f"downstream   : {row['encoder']:<12} accuracy {row['accuracy']:.3f}  macro-F1 {row['macro_f1']:.3f}")
+        lines.append(
+            f"downstream   : {row['encoder']:<12} accuracy {row['accuracy']:.3f}  macro-F1 {row['macro_f1']:.3f}"
+        )
     print("\n".join(lines))

@@ -1,0 +1,219 @@
+"""``medp2x evaluate``: compare encoders downstream (Tables 2-3) and plot convergence (Figs. 2-3).
+
+Examples::
+
+    medp2x evaluate --data eurosat/ --encoder random --encoder p2x/encoder.pt \\
+        --name Random --name P2X --protocol finetune --label-fraction --draws 3 --out results/
+    medp2x evaluate --data pneumoniamnist.npz --series P1X=runs/p1x --series P2X=runs/p2x \\
+        --protocol linear --image-size 64 --out figs/
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from medp2x.evaluate import NORMALIZATIONS, PROTOCOLS
+from medp2x.metrics import METRICS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="downstream evaluation: fine-tune, linear probe, kNN; tables and convergence plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data = p.add_argument_group("data")
+    data.add_argument("--data", required=True, help="class-per-folder image set or MedMNIST .npz")
+    data.add_argument(
+        "--val-data",
+        help="validation set (default: the .npz 'val' split, else "
+        "a stratified --val-fraction carved from the training data)",
+    )
+    data.add_argument(
+        "--test-data",
+        help="test set (default: the .npz 'test' split, else a "
+        "stratified --test-fraction held out from --data)",
+    )
+    data.add_argument("--test-fraction", type=float, default=0.2)
+    data.add_argument("--val-fraction", type=float, default=0.1)
+    data.add_argument("--gray", action="store_true", help="read folder images as one channel")
+    data.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+
+    enc = p.add_argument_group("encoders")
+    enc.add_argument(
+        "--encoder",
+        action="append",
+        default=[],
+        metavar="CKPT|random",
+        help="an encoder file or 'random' (repeatable)",
+    )
+    enc.add_argument("--name", action="append", default=[], help="display name per --encoder")
+    enc.add_argument(
+        "--series",
+        action="append",
+        default=[],
+        metavar="NAME=RUN_DIR",
+        help="checkpoints of a pretraining run to plot against progress (repeatable)",
+    )
+    enc.add_argument(
+        "--x",
+        choices=("epoch", "iteration"),
+        default="epoch",
+        help="progress axis of the convergence figure",
+    )
+    enc.add_argument("--arch", default="resnet18", help="architecture of 'random' encoders")
+    enc.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default="auto",
+        help="input normalisation of file encoders (auto: what the file says)",
+    )
+
+    proto = p.add_argument_group("protocol")
+    proto.add_argument(
+        "--protocol",
+        action="append",
+        choices=PROTOCOLS,
+        help="finetune, linear or knn (repeatable; default linear)",
+    )
+    proto.add_argument(
+        "--label-fraction",
+        type=float,
+        nargs="?",
+        const=0.1,
+        default=1.0,
+        help="fraction of training labels per draw (flag alone: 0.1)",
+    )
+    proto.add_argument("--draws", type=int, help="label draws (default 3 with a fraction < 1)")
+    proto.add_argument("--disjoint", action="store_true", help="draws share no sample")
+    proto.add_argument("--image-size", type=int, help="resize images to S x S")
+    proto.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs")
+    proto.add_argument("--batch-size", type=int, default=64)
+    proto.add_argument("--lr", type=float, default=3e-4, help="fine-tuning Adam learning rate")
+    proto.add_argument("--weight-decay", type=float, default=1e-4, help="fine-tuning weight decay")
+    proto.add_argument("--knn-k", type=int, default=20)
+    proto.add_argument("--knn-temperature", type=float, default=0.07)
+    proto.add_argument(
+        "--select-metric",
+        choices=METRICS,
+        default="accuracy",
+        help="validation metric choosing the epoch / probe strength",
+    )
+
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, help="output folder (results.md, results.csv)")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--num-workers", type=int, default=0)
+    run.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from medp2x.evaluate import (
+        convergence_figure,
+        format_table,
+        load_datasets,
+        run_evaluation,
+        write_results,
+    )
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.encoder and not args.series:
+        raise ValueError("give at least one --encoder or --series")
+    if len(args.name) > len(args.encoder):
+        raise ValueError(f"{len(args.name)} --name for {len(args.encoder)} --encoder")
+    draws = args.draws or (3 if args.label_fraction < 1.0 else 1)
+    kwargs = dict(
+        protocol=args.protocol or ["linear"],
+        label_fraction=args.label_fraction,
+        draws=draws,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+        disjoint=args.disjoint,
+        val_fraction=args.val_fraction,
+        image_size=args.image_size,
+        arch=args.arch,
+        normalization=args.normalization,
+        weight_decay=args.weight_decay,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_temperature,
+        select_metric=args.select_metric,
+        num_workers=args.num_workers,
+    )
+    out = Path(args.out)
+    if args.encoder:
+        rows = run_evaluation(
+            args.data,
+            _named_encoders(args.encoder, args.name),
+            out,
+            val_data=args.val_data,
+            test_data=args.test_data,
+            test_fraction=args.test_fraction,
+            gray=args.gray,
+            on_error=args.on_error,
+            **kwargs,
+        )
+        print(format_table(rows))
+        print(f"\nwrote {out / 'results.md'} and {out / 'results.csv'}")
+    if args.series:
+        train, val, test, _ = load_datasets(
+            args.data,
+            args.val_data,
+            args.test_data,
+            args.test_fraction,
+            args.gray,
+            args.image_size,
+            args.on_error,
+            args.seed,
+        )
+        protocol = kwargs.pop("protocol")
+        if len(protocol) != 1:
+            raise ValueError("a convergence figure takes exactly one --protocol")
+        png, csv_path, rows = convergence_figure(
+            _parse_series(args.series),
+            train,
+            test,
+            out / "convergence.png",
+            val=val,
+            protocol=protocol[0],
+            x=args.x,
+            **kwargs,
+        )
+        write_results(rows, out / "convergence", title="Downstream accuracy per checkpoint")
+        print(format_table(rows))
+        print(f"\nwrote {png} and {csv_path}")
+    return 0
+
+
+def _named_encoders(specs: list[str], names: list[str]) -> dict[str, str]:
+    """Display names: given ones first, then the file stem (or 'random'), made unique."""
+    from medp2x.evaluate import _encoder_name
+
+    encoders: dict[str, str] = {}
+    for i, spec in enumerate(specs):
+        if spec != "random" and not Path(spec).exists():
+            raise FileNotFoundError(f"encoder {spec!r} does not exist (give a file or 'random')")
+        base = names[i] if i < len(names) else _encoder_name(spec)
+        name, n = base, 2
+        while name in encoders:
+            name, n = f"{base} ({n})", n + 1
+        encoders[name] = spec
+    return encoders
+
+
+def _parse_series(items: list[str]) -> dict[str, str]:
+    series = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--series expects NAME=RUN_DIR, got {item!r}")
+        series[name] = path
+    return series
