@@ -18,7 +18,9 @@ torch.set_num_threads(int(os.environ.get("MEDP2X_TEST_THREADS", "2")))
 def shared_data() -> Path:
     path = SHARED / "data"
     if not path.is_dir():
-        pytest.skip(f"shared sample data not found at {path} (only present beside the project checkout)")
+        pytest.skip(
+            f"shared sample data not found at {path} (only present beside the project checkout)"
+        )
     return path
 
 

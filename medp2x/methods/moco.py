@@ -1,0 +1,154 @@
+"""MoCo v2 (Chen et al., 2020; He et al., 2020): InfoNCE against a queue of momentum-encoded keys.
+
+Follows facebookresearch/moco ``builder.py`` with ``--mlp --moco-t 0.2``: query and key
+networks are the encoder plus ``Linear -> ReLU -> Linear`` (hidden width = encoder width, no
+BN); queries see view 0, keys view 1 (not symmetrised, as in v2); logits are
+``[q.k+, q.queue] / T`` with the positive at index 0; the keys of the *global* batch (gathered
+without gradient) replace the oldest queue entries. The key network is an EMA of the query
+network with constant momentum ``m``. The original updates it at the start of ``forward``;
+here it happens in ``on_after_optimizer_step``, the same point in the step sequence.
+
+Shuffling BN: with several processes the key batch is shuffled across ranks before the key
+encoder and unshuffled after (``_batch_shuffle_ddp``), so a key's BN statistics do not come
+from the rank holding its query. With one process there is nothing to shuffle across: both
+views' BN statistics then cover the same images, the leak MoCo's shuffle guards against; it
+matters little for short runs, but multi-process training avoids it.
+
+The queue is a buffer of shape ``(queue_length, proj_out_dim)`` (rows are keys; the original
+stores the transpose) saved in checkpoints with its pointer, so a resumed run continues it.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medp2x.distributed import broadcast, gather_no_grad, rank, world_size
+from medp2x.methods.base import (
+    Recipe,
+    SSLMethod,
+    ViewSpec,
+    at_least_float32,
+    check_profile,
+    copy_params,
+    ema_update,
+    mlp,
+    validate_recipe,
+)
+
+
+@dataclass
+class MoCoRecipe(Recipe):
+    temperature: float = 0.2
+    queue_length: int = 65536
+    key_momentum: float = 0.999
+    proj_hidden_dim: int | None = None  # None: the encoder's width, as builder.py
+    proj_out_dim: int = 128
+    shuffle_bn: bool = True
+
+
+def recipe(profile: str) -> MoCoRecipe:
+    check_profile(profile)
+    if profile == "full":
+        # MoCo v2 as used by HPT: SGD lr 0.03 x B/256, wd 1e-4, cosine, no warm-up, 200 epochs.
+        r = MoCoRecipe(
+            method="moco", profile="full", arch="resnet50", image_size=224,
+            batch_size=256, epochs=200, optimizer="sgd", base_lr=0.03,
+            weight_decay=1e-4, warmup_epochs=0,
+            views=ViewSpec(n_large=2, large_size=224, large_scale=(0.2, 1.0)),
+            temperature=0.2, queue_length=65536, key_momentum=0.999, proj_out_dim=128,
+        )  # fmt: skip
+    else:
+        # A queue that turns over in ~30 steps and a key network that follows quickly
+        # (m = 0.99, as lightly's small-scale MoCo benchmarks) for runs of a few hundred steps.
+        r = MoCoRecipe(
+            method="moco", profile="tiny", arch="resnet18", image_size=64,
+            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
+            weight_decay=5e-4, warmup_epochs=0,
+            views=ViewSpec(n_large=2, large_size=64, large_scale=(0.2, 1.0)),
+            temperature=0.2, queue_length=1024, key_momentum=0.99, proj_out_dim=64,
+        )  # fmt: skip
+    validate_recipe(r)
+    return r
+
+
+def info_nce(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> dict[str, torch.Tensor]:
+    """Cross-entropy of each query picking its key (index 0) among itself and the queue."""
+    q = F.normalize(at_least_float32(q), dim=1)
+    k = F.normalize(at_least_float32(k), dim=1).detach()
+    l_pos = (q * k).sum(dim=1, keepdim=True)
+    l_neg = q @ queue.detach().clone().to(q).T  # a copy: the queue changes before backward
+    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    loss = F.cross_entropy(logits, labels)
+    top1 = (logits.detach().argmax(dim=1) == 0).float().mean()
+    return {"loss": loss, "top1": top1}
+
+
+class MoCo(SSLMethod):
+    name = "moco"
+
+    def __init__(self, encoder: nn.Module, recipe: MoCoRecipe):
+        super().__init__(encoder, recipe)
+        r = recipe
+        if r.queue_length < 1:
+            raise ValueError(f"moco queue_length must be positive, got {r.queue_length}")
+        hidden = r.proj_hidden_dim or self.feature_dim
+        self.projector = mlp([self.feature_dim, hidden, r.proj_out_dim], batch_norm=False)
+        self.key_encoder = copy.deepcopy(encoder)
+        self.key_projector = copy.deepcopy(self.projector)
+        self.reset_momentum_encoders()
+        queue = F.normalize(torch.randn(r.queue_length, r.proj_out_dim), dim=1)
+        self.register_buffer("queue", queue)
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    def reset_momentum_encoders(self) -> None:
+        copy_params(self.encoder, self.key_encoder)
+        copy_params(self.projector, self.key_projector)
+
+    def on_after_optimizer_step(self, progress: float) -> None:
+        super().on_after_optimizer_step(progress)
+        ema_update(self.encoder, self.key_encoder, self.recipe.key_momentum)
+        ema_update(self.projector, self.key_projector, self.recipe.key_momentum)
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_views(views)
+        q = self.projector(self.encoder(views[0]))
+        k = self._keys(views[1])
+        out = info_nce(q, k, self.queue, self.recipe.temperature)
+        if self.training:
+            self.enqueue(F.normalize(at_least_float32(k), dim=1))
+        return out
+
+    @torch.no_grad()
+    def _key_forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.key_projector(self.key_encoder(images))
+
+    @torch.no_grad()
+    def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        if not (self.recipe.shuffle_bn and self.training and world_size() > 1):
+            return self._key_forward(images)
+        everything = gather_no_grad(images)
+        order = broadcast(torch.randperm(everything.shape[0], device=images.device), src=0)
+        inverse = torch.argsort(order)
+        mine = order.view(world_size(), -1)[rank()]
+        keys = gather_no_grad(self._key_forward(everything[mine]))
+        return keys[inverse.view(world_size(), -1)[rank()]]
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write the global batch's keys over the oldest entries (ring buffer, rank order)."""
+        keys = gather_no_grad(keys)
+        n, length = keys.shape[0], self.queue.shape[0]
+        if n > length:
+            raise ValueError(f"moco queue_length {length} is smaller than the global batch {n}")
+        ptr = int(self.queue_ptr)
+        slots = (ptr + torch.arange(n, device=self.queue.device)) % length
+        self.queue[slots] = keys.to(self.queue)
+        self.queue_ptr[0] = (ptr + n) % length

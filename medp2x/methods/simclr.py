@@ -1,0 +1,113 @@
+"""SimCLR (Chen et al., 2020): NT-Xent between two views, negatives from the global batch.
+
+Follows google-research/simclr: both views go through the encoder as one batch, the
+projection head is ``Linear -> BN -> ReLU -> Linear -> BN(scale only)`` with the hidden width
+equal to the encoder width, and the loss for view ``a`` of image ``i`` is a softmax over the
+other view of every image in the global batch plus the same view of every *other* image.
+The loss is the paper's ``1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)]`` — half of the TF code's
+``loss_a + loss_b``: a constant factor, to which LARS' trust ratio makes updates nearly
+invariant (it only shifts the balance against weight decay).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medp2x.distributed import gather_with_grad, rank
+from medp2x.methods.base import (
+    Recipe,
+    SSLMethod,
+    ViewSpec,
+    at_least_float32,
+    check_profile,
+    mlp,
+    validate_recipe,
+)
+
+# The TF code masks self-similarities with a large finite number rather than -inf.
+_LARGE = 1e9
+
+
+@dataclass
+class SimCLRRecipe(Recipe):
+    temperature: float = 0.1
+    proj_hidden_dim: int | None = None  # None: the encoder's width (2048 for ResNet-50)
+    proj_out_dim: int = 128
+    proj_batch_norm: bool = True
+
+
+def recipe(profile: str) -> SimCLRRecipe:
+    check_profile(profile)
+    if profile == "full":
+        # SimCLR v1, batch and epochs as in the P2X paper (Table 2 setting).
+        r = SimCLRRecipe(
+            method="simclr", profile="full", arch="resnet50", image_size=224,
+            batch_size=1024, epochs=1000, optimizer="lars", base_lr=0.3,
+            weight_decay=1e-6, warmup_epochs=10,
+            views=ViewSpec(n_large=2, large_size=224, large_scale=(0.08, 1.0)),
+            temperature=0.1, proj_out_dim=128,
+        )  # fmt: skip
+    else:
+        # Small batches: tau 0.5 (SimCLR v1's small-batch / CIFAR setting) and momentum SGD
+        # as in lightly's small-batch benchmarks; LARS is designed for large batches.
+        r = SimCLRRecipe(
+            method="simclr", profile="tiny", arch="resnet18", image_size=64,
+            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
+            weight_decay=5e-4, warmup_epochs=0,
+            views=ViewSpec(n_large=2, large_size=64, large_scale=(0.08, 1.0)),
+            temperature=0.5, proj_out_dim=64,
+        )  # fmt: skip
+    validate_recipe(r)
+    return r
+
+
+def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """NT-Xent of this rank's pairs against the global batch.
+
+    Each rank averages over its own 2n anchors; DDP's gradient averaging over W ranks then
+    yields the gradient of the mean over all 2nW anchors, i.e. the single-process loss.
+    Ranks must hold equal batch sizes (labels are offset by ``rank * n``).
+    """
+    z1 = F.normalize(at_least_float32(z1), dim=1)
+    z2 = F.normalize(at_least_float32(z2), dim=1)
+    z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
+    n = z1.shape[0]
+    labels = torch.arange(n, device=z1.device) + rank() * n
+    self_mask = F.one_hot(labels, z1_all.shape[0]).bool()
+    logits_aa = (z1 @ z1_all.T / temperature).masked_fill(self_mask, -_LARGE)
+    logits_bb = (z2 @ z2_all.T / temperature).masked_fill(self_mask, -_LARGE)
+    logits_ab = z1 @ z2_all.T / temperature
+    logits_ba = z2 @ z1_all.T / temperature
+    logits_a = torch.cat([logits_ab, logits_aa], dim=1)
+    logits_b = torch.cat([logits_ba, logits_bb], dim=1)
+    loss = (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
+    with torch.no_grad():
+        top1 = (
+            (logits_a.argmax(1) == labels).float().mean()
+            + (logits_b.argmax(1) == labels).float().mean()
+        ) / 2
+    return {"loss": loss, "top1": top1}
+
+
+class SimCLR(SSLMethod):
+    name = "simclr"
+
+    def __init__(self, encoder: nn.Module, recipe: SimCLRRecipe):
+        super().__init__(encoder, recipe)
+        hidden = recipe.proj_hidden_dim or self.feature_dim
+        self.projector = mlp(
+            [self.feature_dim, hidden, recipe.proj_out_dim],
+            batch_norm=recipe.proj_batch_norm,
+            bias=not recipe.proj_batch_norm,  # a bias before BN is redundant (TF code has none)
+            last_batch_norm=recipe.proj_batch_norm,
+        )
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_views(views)
+        n = views[0].shape[0]
+        z = self.projector(self.encoder(torch.cat(views, dim=0)))  # one pass, shared BN stats
+        return nt_xent(z[:n], z[n:], self.recipe.temperature)

@@ -1,0 +1,205 @@
+"""SwAV (Caron et al., 2020): swapped prediction of Sinkhorn-Knopp cluster assignments.
+
+Follows facebookresearch/swav ``main_swav.py``:
+- multi-crop: same-size crops share one encoder pass; the projection
+  ``Linear -> BN -> ReLU -> Linear`` is L2-normalised and scored against prototypes
+  (a bias-free ``Linear`` whose rows are L2-normalised after every optimizer step);
+- assignments ``q`` come only from the large crops, by Sinkhorn-Knopp over the *global* batch
+  (marginal sums are all-reduced), never get gradients, and every other crop predicts them;
+- prototypes get no update during the first ``freeze_prototypes_iters`` iterations (or the
+  first ``freeze_prototypes_epochs`` epochs): their gradient is set to ``None`` as in the
+  original, so neither weight decay nor momentum moves them;
+- an optional queue of past projections (per rank, ``queue_length // world_size`` rows per large
+  crop) enlarges the set Sinkhorn balances over when batches are small. It starts at epoch
+  ``queue_start_epoch`` and is used once full. It is not saved in checkpoints (the original
+  saves it per rank beside them): after a resume it refills before being used again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medp2x.distributed import all_reduce_max, all_reduce_sum, world_size
+from medp2x.methods.base import (
+    Recipe,
+    SSLMethod,
+    ViewSpec,
+    at_least_float32,
+    check_profile,
+    encode_groups,
+    mlp,
+    validate_recipe,
+)
+
+
+@dataclass
+class SwAVRecipe(Recipe):
+    temperature: float = 0.1
+    epsilon: float = 0.05
+    sinkhorn_iterations: int = 3
+    n_prototypes: int = 3000
+    proj_hidden_dim: int = 2048
+    proj_out_dim: int = 128
+    freeze_prototypes_epochs: int = 1
+    freeze_prototypes_iters: int | None = None  # when set, replaces freeze_prototypes_epochs
+    queue_length: int = 0  # global length; 0 disables the queue
+    queue_start_epoch: int = 15
+
+
+def recipe(profile: str) -> SwAVRecipe:
+    check_profile(profile)
+    if profile == "full":
+        # main_swav.py's ImageNet recipe (LARS lr 4.8 at B = 4096, i.e. 0.3 per 256) at the
+        # P2X paper's batch 1024; queue 3840 from epoch 15 as the SwAV README advises below 4096.
+        r = SwAVRecipe(
+            method="swav", profile="full", arch="resnet50", image_size=224,
+            batch_size=1024, epochs=1000, optimizer="lars", base_lr=0.3,
+            weight_decay=1e-6, warmup_epochs=10,
+            views=ViewSpec(n_large=2, large_size=224, n_small=6, small_size=96,
+                           large_scale=(0.14, 1.0), small_scale=(0.05, 0.14)),
+            n_prototypes=3000, proj_hidden_dim=2048, proj_out_dim=128,
+            queue_length=3840, queue_start_epoch=15,
+        )  # fmt: skip
+    else:
+        # Few prototypes for a batch of 32; prototypes frozen for 20 iterations; a short queue
+        # from the second epoch (start it late: lightly #736/#1006, swav #37/#69).
+        r = SwAVRecipe(
+            method="swav", profile="tiny", arch="resnet18", image_size=64,
+            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
+            weight_decay=5e-4, warmup_epochs=0,
+            views=ViewSpec(n_large=2, large_size=64, n_small=2, small_size=32,
+                           large_scale=(0.14, 1.0), small_scale=(0.05, 0.14)),
+            n_prototypes=64, proj_hidden_dim=512, proj_out_dim=64,
+            freeze_prototypes_iters=20, queue_length=256, queue_start_epoch=1,
+        )  # fmt: skip
+    validate_recipe(r)
+    return r
+
+
+@torch.no_grad()
+def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
+    """Soft assignments (rows sum to 1) of B samples to K prototypes with equal cluster mass.
+
+    ``scores`` is this rank's B x K block; the K prototype marginals are summed over all ranks,
+    so the equipartition holds over the global batch, as in ``distributed_sinkhorn``. The
+    iterations are the original's, carried out on ``log Q``: ``exp(scores / eps)`` overflows
+    float32 for eps < 0.01 and whole rows underflow to 0 (then NaN) once shifted.
+    """
+    log_q = at_least_float32(scores).T / epsilon  # K x B
+    n_prototypes = log_q.shape[0]
+    n_samples = log_q.shape[1] * world_size()
+    log_q = log_q - _global_logsumexp(log_q.reshape(1, -1))  # Q /= sum(Q)
+    for _ in range(iterations):
+        log_q = log_q - _global_logsumexp(log_q) - math.log(n_prototypes)  # prototype mass 1/K
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(n_samples)
+    return torch.exp(log_q + math.log(n_samples)).T  # sample mass 1
+
+
+def _global_logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """Row-wise ``log sum exp`` over the columns of ``x`` on every rank (shape R x 1)."""
+    peak = all_reduce_max(x.max(dim=1, keepdim=True).values.clone())
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    total = all_reduce_sum(torch.exp(x - peak).sum(dim=1, keepdim=True))
+    return torch.log(total) + peak
+
+
+def swapped_prediction_loss(
+    scores: torch.Tensor,
+    assignments: list[torch.Tensor],
+    n_views: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Mean over assigned crops ``c`` and other crops ``v`` of ``-sum_k q_c log softmax(s_v / T)``.
+
+    ``scores`` holds ``n_views`` blocks of B rows in view order; ``assignments[c]`` is the B x K
+    assignment of crop ``c``.
+    """
+    blocks = at_least_float32(scores).chunk(n_views, dim=0)
+    log_probs = [F.log_softmax(block / temperature, dim=1) for block in blocks]
+    loss = scores.new_zeros((), dtype=log_probs[0].dtype)
+    for crop, q in enumerate(assignments):
+        others = [v for v in range(n_views) if v != crop]
+        subloss = sum(-(q * log_probs[v]).sum(dim=1).mean() for v in others)
+        loss = loss + subloss / len(others)
+    return loss / len(assignments)
+
+
+class SwAV(SSLMethod):
+    name = "swav"
+    multi_crop = True
+
+    def __init__(self, encoder: nn.Module, recipe: SwAVRecipe):
+        super().__init__(encoder, recipe)
+        self.projector = mlp([self.feature_dim, recipe.proj_hidden_dim, recipe.proj_out_dim])
+        self.prototypes = nn.Linear(recipe.proj_out_dim, recipe.n_prototypes, bias=False)
+        self.normalize_prototypes()
+        # Per-rank state, deliberately not a registered buffer: DDP would broadcast rank 0's
+        # queue to every rank at each forward.
+        self.queue: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
+
+    def prototypes_frozen(self, epoch: int, iteration: int) -> bool:
+        r = self.recipe
+        if r.freeze_prototypes_iters is not None:
+            return iteration < r.freeze_prototypes_iters
+        return epoch < r.freeze_prototypes_epochs
+
+    def on_before_optimizer_step(self, epoch: int, iteration: int) -> None:
+        super().on_before_optimizer_step(epoch, iteration)
+        if self.prototypes_frozen(epoch, iteration):
+            for p in self.prototypes.parameters():
+                p.grad = None
+
+    def on_after_optimizer_step(self, progress: float) -> None:
+        super().on_after_optimizer_step(progress)
+        self.normalize_prototypes()
+
+    def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.check_views(views)
+        r = self.recipe
+        bs, n_views = views[0].shape[0], len(views)
+        embedding = F.normalize(self.projector(encode_groups(self.encoder, views)), dim=1)
+        scores = self.prototypes(embedding)
+        queue = self._active_queue(bs, embedding)
+        queue_used = queue is not None and bool((queue[:, -1] != 0).any())
+        assignments = []
+        for crop in range(r.views.n_large):
+            with torch.no_grad():
+                block = at_least_float32(scores[crop * bs : (crop + 1) * bs].detach())
+                crop_embedding = embedding[crop * bs : (crop + 1) * bs].detach()
+                if queue is not None:
+                    if queue_used:
+                        with torch.autocast(queue.device.type, enabled=False):  # keep fp32
+                            queued = queue[crop] @ self.prototypes.weight.T.float()
+                        block = torch.cat([queued.to(block), block])
+                    queue[crop, bs:] = queue[crop, :-bs].clone()  # shift, newest first
+                    queue[crop, :bs] = crop_embedding
+                q = sinkhorn(block, r.epsilon, r.sinkhorn_iterations)[-bs:]
+            assignments.append(q)
+        loss = swapped_prediction_loss(scores, assignments, n_views, r.temperature)
+        return {"loss": loss, "queue_used": torch.tensor(float(queue_used))}
+
+    def _active_queue(self, batch_size: int, embedding: torch.Tensor) -> torch.Tensor | None:
+        r = self.recipe
+        if not (self.training and r.queue_length > 0 and self.state.epoch >= r.queue_start_epoch):
+            return None
+        if self.queue is None:
+            rows = r.queue_length // world_size()
+            rows -= rows % batch_size  # as main_swav.py: a whole number of batches
+            if rows <= batch_size:
+                raise ValueError(
+                    f"swav queue_length {r.queue_length} leaves {rows} rows per rank for batches "
+                    f"of {batch_size}; use at least {2 * batch_size * world_size()} or 0 (no queue)"
+                )
+            self.queue = embedding.new_zeros(
+                (r.views.n_large, rows, embedding.shape[1]), dtype=torch.float32
+            )
+        return self.queue

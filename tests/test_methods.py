@@ -1,0 +1,392 @@
+"""SSL methods: each loss against a loop-over-samples re-implementation of its formula, the
+per-step mechanics (EMA schedule, prototype freezing/normalisation, Sinkhorn marginals, queue
+order) and a tiny training run of every method."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medp2x.methods import METHODS, build_method, recipe_for
+from medp2x.methods.base import mlp
+from medp2x.methods.byol import regression_loss, target_momentum
+from medp2x.methods.moco import info_nce
+from medp2x.methods.simclr import nt_xent
+from medp2x.methods.swav import sinkhorn, swapped_prediction_loss
+from medp2x.networks import build_encoder
+
+
+def tiny_encoder(width: int = 16) -> nn.Module:
+    """Two convs, no BN: fast, and per-sample so loss references stay simple."""
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, width, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+    )
+    net.feature_dim = width
+    return net
+
+
+def random_views(method: str, batch: int = 8, large: int = 32, small: int = 16, seed: int = 0):
+    recipe = recipe_for(method, "tiny")
+    g = torch.Generator().manual_seed(seed)
+    sizes = [large] * recipe.views.n_large + [small] * recipe.views.n_small
+    return [torch.rand(batch, 3, s, s, generator=g) for s in sizes]
+
+
+# --------------------------------------------------------------------------- recipes
+
+
+def test_recipes_follow_the_published_settings():
+    simclr = recipe_for("simclr", "full")
+    assert (simclr.arch, simclr.image_size, simclr.optimizer) == ("resnet50", 224, "lars")
+    assert simclr.lr(4096) == pytest.approx(0.3 * 4096 / 256)
+    assert (simclr.weight_decay, simclr.temperature, simclr.proj_out_dim) == (1e-6, 0.1, 128)
+    tiny = recipe_for("simclr", "tiny")
+    assert tiny.arch == "resnet18" and tiny.image_size <= 64 and tiny.batch_size <= 64
+
+
+def test_override_unknown_name_lists_valid_ones():
+    with pytest.raises(ValueError, match="unknown simclr recipe option.*temperature"):
+        recipe_for("simclr", "tiny", temprature=0.2)
+    with pytest.raises(ValueError, match="unknown SSL method"):
+        recipe_for("dino", "tiny")
+    with pytest.raises(ValueError, match="unknown profile"):
+        recipe_for("simclr", "huge")
+
+
+def test_image_size_override_resizes_views():
+    r = recipe_for("simclr", "full", image_size=96, temperature=0.5)
+    assert (r.image_size, r.views.large_size, r.temperature) == (96, 96, 0.5)
+    r = recipe_for(
+        "simclr", "full", views={"n_large": 2, "large_size": 160, "large_scale": [0.2, 1]}
+    )
+    assert r.views.large_size == 160 and r.views.large_scale == (0.2, 1)
+    swav_small = recipe_for("swav", "full", image_size=112)
+    assert (swav_small.views.large_size, swav_small.views.small_size) == (112, 48)
+    with pytest.raises(ValueError, match="exactly 2 large views"):
+        build_method("byol", tiny_encoder(), "tiny", views={"n_small": 2})
+
+
+def test_mlp_layout():
+    head = mlp([512, 512, 64], batch_norm=True, bias=False, last_batch_norm=True)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear", "BatchNorm1d"]
+    assert head[0].bias is None and head[-1].bias is None and head[-1].weight is not None
+
+
+# --------------------------------------------------------------------------- SimCLR
+
+
+def reference_nt_xent(z1: torch.Tensor, z2: torch.Tensor, tau: float) -> float:
+    """SimCLR paper eq. (1) averaged over all 2N anchors, one anchor at a time."""
+    z = F.normalize(torch.cat([z1, z2]).double(), dim=1)
+    n2, n = len(z), len(z1)
+    total = 0.0
+    for i in range(n2):
+        positive = (i + n) % n2
+        denom = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(n2) if k != i)
+        total += -math.log(math.exp(float(z[i] @ z[positive]) / tau) / denom)
+    return total / n2
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_nt_xent_matches_formula(tau):
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    got = nt_xent(z1, z2, tau)["loss"]
+    assert float(got) == pytest.approx(reference_nt_xent(z1, z2, tau), rel=1e-5)
+
+
+def test_simclr_head_width_follows_encoder():
+    method = build_method("simclr", build_encoder("resnet18"), "tiny")
+    assert method.projector[0].in_features == 512 == method.projector[0].out_features
+    assert method.projector[3].out_features == method.recipe.proj_out_dim
+    with pytest.raises(ValueError, match="expects 2 views"):
+        method([torch.rand(2, 3, 32, 32)])
+
+
+# --------------------------------------------------------------------------- SwAV
+
+
+def reference_sinkhorn(scores: torch.Tensor, eps: float, iters: int) -> torch.Tensor:
+    """Algorithm of the SwAV paper, one row and one column at a time."""
+    q = torch.exp(scores.double() / eps).T.clone()  # K x B
+    k, b = q.shape
+    q /= q.sum()
+    for _ in range(iters):
+        for row in range(k):
+            q[row] /= q[row].sum() * k
+        for col in range(b):
+            q[:, col] /= q[:, col].sum() * b
+    return (q * b).T
+
+
+def test_sinkhorn_matches_reference_and_balances_clusters():
+    g = torch.Generator().manual_seed(2)
+    scores = F.normalize(torch.randn(12, 7, generator=g), dim=1)
+    q = sinkhorn(scores, 0.05, 3)
+    torch.testing.assert_close(
+        q.double(), reference_sinkhorn(scores, 0.05, 3), rtol=1e-5, atol=1e-7
+    )
+    torch.testing.assert_close(q.sum(dim=1), torch.ones(12))  # each sample fully assigned
+    many = sinkhorn(scores, 0.05, 200)  # converged: every prototype gets B/K samples
+    torch.testing.assert_close(many.sum(dim=0), torch.full((7,), 12 / 7), rtol=1e-4, atol=1e-4)
+    tiny_eps = sinkhorn(scores, 0.001, 3)  # would overflow exp() without the shared shift
+    assert torch.isfinite(tiny_eps).all()
+
+
+def reference_swapped_loss(scores, assignments, n_views, tau):
+    bs = scores.shape[0] // n_views
+    total = 0.0
+    for crop, q in enumerate(assignments):
+        sub = 0.0
+        others = [v for v in range(n_views) if v != crop]
+        for v in others:
+            for i in range(bs):
+                s = scores[v * bs + i].double() / tau
+                log_p = s - torch.logsumexp(s, 0)
+                sub += -float((q[i].double() * log_p).sum()) / bs
+        total += sub / len(others)
+    return total / len(assignments)
+
+
+def test_swapped_prediction_loss_matches_formula():
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randn(4 * 5, 6, generator=g)  # 4 views, batch 5, 6 prototypes
+    assignments = [torch.softmax(torch.randn(5, 6, generator=g), 1) for _ in range(2)]
+    got = swapped_prediction_loss(scores, assignments, 4, 0.1)
+    assert float(got) == pytest.approx(
+        reference_swapped_loss(scores, assignments, 4, 0.1), rel=1e-5
+    )
+
+
+def swav(**overrides):
+    torch.manual_seed(0)
+    base = {"n_prototypes": 10, "queue_length": 0}
+    return build_method("swav", tiny_encoder(), "tiny", **{**base, **overrides})
+
+
+def test_swav_forward_equals_sinkhorn_plus_swapped_prediction():
+    method = swav().eval()
+    views = random_views("swav", batch=6)
+    with torch.no_grad():
+        emb = F.normalize(method.projector(torch.cat([method.encoder(v) for v in views])), dim=1)
+        scores = emb @ method.prototypes.weight.T
+        q = [sinkhorn(scores[c * 6 : (c + 1) * 6], 0.05, 3) for c in range(2)]
+        expected = reference_swapped_loss(scores, q, 4, method.recipe.temperature)
+        got = method(views)["loss"]
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+
+
+def one_step(method, views, epoch: int, iteration: int, lr: float = 0.1):
+    optimizer = torch.optim.SGD(method.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
+    optimizer.zero_grad()
+    method(views)["loss"].backward()
+    method.on_before_optimizer_step(epoch, iteration)
+    optimizer.step()
+    method.on_after_optimizer_step(progress=0.5)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "epoch", "iteration", "frozen"),
+    [
+        ({"freeze_prototypes_iters": 5}, 3, 4, True),
+        ({"freeze_prototypes_iters": 5}, 0, 5, False),
+        ({"freeze_prototypes_iters": None, "freeze_prototypes_epochs": 1}, 0, 50, True),
+        ({"freeze_prototypes_iters": None, "freeze_prototypes_epochs": 1}, 1, 50, False),
+    ],
+)
+def test_swav_prototypes_frozen_then_trained(overrides, epoch, iteration, frozen):
+    method = swav(**overrides)
+    before = method.prototypes.weight.detach().clone()
+    one_step(method, random_views("swav", batch=6), epoch, iteration)
+    after = method.prototypes.weight.detach()
+    change = float((after - before).abs().max())
+    # frozen: only the per-step re-normalisation of unit rows touches them (float rounding)
+    assert (change < 1e-6) if frozen else (change > 1e-3), change
+    torch.testing.assert_close(after.norm(dim=1), torch.ones(10))  # unit rows after every step
+
+
+def test_swav_prototypes_start_normalised():
+    assert torch.allclose(swav().prototypes.weight.norm(dim=1), torch.ones(10))
+
+
+def test_swav_queue_starts_at_configured_epoch_and_is_used_once_full():
+    method = swav(queue_length=24, queue_start_epoch=1)  # 24 rows = 4 batches of 6
+    views = random_views("swav", batch=6)
+    method.on_before_optimizer_step(epoch=0, iteration=0)
+    method(views)
+    assert method.queue is None
+    method.on_before_optimizer_step(epoch=1, iteration=10)
+    used = [float(method(views)["queue_used"]) for _ in range(5)]
+    assert used == [0.0, 0.0, 0.0, 0.0, 1.0]
+    with torch.no_grad():  # projector BN in train mode: statistics over all crops, as in forward
+        emb = F.normalize(method.projector(torch.cat([method.encoder(v) for v in views])), dim=1)
+    torch.testing.assert_close(method.queue[1, :6], emb[6:12])  # crop 1, newest entries first
+    torch.testing.assert_close(method.queue[0, 6:12], emb[:6])  # crop 0, one batch older
+    with pytest.raises(ValueError, match="queue_length"):
+        small = swav(queue_length=6, queue_start_epoch=0)
+        small(views)
+
+
+# --------------------------------------------------------------------------- BYOL
+
+
+def test_byol_target_momentum_schedule():
+    assert target_momentum(0.996, 0.0) == pytest.approx(0.996)
+    assert target_momentum(0.996, 0.5) == pytest.approx(0.998)
+    assert target_momentum(0.996, 1.0) == pytest.approx(1.0)
+
+
+def test_byol_regression_loss_matches_formula():
+    g = torch.Generator().manual_seed(4)
+    p, z = torch.randn(5, 8, generator=g), torch.randn(5, 8, generator=g)
+    expected = [2 - 2 * float(p[i] @ z[i]) / float(p[i].norm() * z[i].norm()) for i in range(5)]
+    torch.testing.assert_close(regression_loss(p, z), torch.tensor(expected))
+
+
+def test_byol_loss_is_symmetrised_and_target_gets_no_gradient():
+    torch.manual_seed(0)
+    method = build_method("byol", tiny_encoder(), "tiny").eval()
+    v1, v2 = random_views("byol", batch=5)
+    out = method([v1, v2])
+    with torch.no_grad():
+        p1 = method.predictor(method.projector(method.encoder(v1)))
+        p2 = method.predictor(method.projector(method.encoder(v2)))
+        z1 = method.target_projector(method.target_encoder(v1))
+        z2 = method.target_projector(method.target_encoder(v2))
+    expected = (regression_loss(p1, z2) + regression_loss(p2, z1)).mean()
+    assert float(out["loss"].detach()) == pytest.approx(float(expected), rel=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is None and not p.requires_grad for p in method.target_encoder.parameters())
+    assert all(p.grad is not None for p in method.encoder.parameters())
+
+
+def test_byol_target_moves_as_ema_of_online():
+    torch.manual_seed(0)
+    method = build_method("byol", tiny_encoder(), "tiny")
+    target_before = [p.detach().clone() for p in method.target_encoder.parameters()]
+    one_step(method, random_views("byol", batch=5), 0, 0)  # on_after_optimizer_step(0.5)
+    tau = target_momentum(method.recipe.tau_base, 0.5)
+    assert method.tau == pytest.approx(tau)
+    for old, new, online in zip(
+        target_before, method.target_encoder.parameters(), method.encoder.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, tau * old + (1 - tau) * online.detach())
+    assert not torch.equal(target_before[0], next(method.target_encoder.parameters()))
+    method.reset_momentum_encoders()
+    for target, online in zip(
+        method.target_encoder.parameters(), method.encoder.parameters(), strict=True
+    ):
+        assert torch.equal(target, online)
+
+
+# --------------------------------------------------------------------------- MoCo
+
+
+def test_info_nce_matches_formula():
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)
+    queue = F.normalize(torch.randn(9, 6, generator=g), dim=1)
+    tau = 0.2
+    qn, kn = F.normalize(q, dim=1), F.normalize(k, dim=1)
+    expected = 0.0
+    for i in range(4):
+        pos = math.exp(float(qn[i] @ kn[i]) / tau)
+        neg = sum(math.exp(float(qn[i] @ queue[j]) / tau) for j in range(9))
+        expected += -math.log(pos / (pos + neg)) / 4
+    assert float(info_nce(q, k, queue, tau)["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_moco_queue_is_a_ring_buffer_in_batch_order():
+    method = build_method("moco", tiny_encoder(), "tiny", queue_length=10, proj_out_dim=3)
+    batches = [torch.full((4, 3), float(i)) for i in (1, 2, 3)]
+    for batch in batches:
+        method.enqueue(batch)
+    rows = method.queue[:, 0].tolist()
+    assert rows == [3, 3, 1, 1, 2, 2, 2, 2, 3, 3]  # the third batch wrapped around
+    assert int(method.queue_ptr) == 2
+
+
+def test_moco_forward_enqueues_keys_and_key_encoder_follows_momentum():
+    torch.manual_seed(0)
+    method = build_method("moco", tiny_encoder(), "tiny", queue_length=16)
+    v1, v2 = random_views("moco", batch=4)
+    with torch.no_grad():
+        keys = F.normalize(method.key_projector(method.key_encoder(v2)), dim=1)
+    old_queue = method.queue.clone()
+    key_before = [p.detach().clone() for p in method.key_encoder.parameters()]
+    one_step(method, [v1, v2], 0, 0)
+    torch.testing.assert_close(method.queue[:4], keys)
+    assert torch.equal(method.queue[4:], old_queue[4:]) and int(method.queue_ptr) == 4
+    m = method.recipe.key_momentum
+    for old, new, online in zip(
+        key_before, method.key_encoder.parameters(), method.encoder.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, m * old + (1 - m) * online.detach())
+    assert "queue" in method.state_dict() and "key_encoder.0.weight" in method.state_dict()
+
+
+# --------------------------------------------------------------------------- every method
+
+
+def test_methods_tuple():
+    assert METHODS == ("simclr", "swav", "byol", "moco")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_bf16_autocast_keeps_losses_in_float32(name):
+    torch.manual_seed(0)
+    overrides = {"swav": {"queue_length": 24, "queue_start_epoch": 0}}.get(name, {})
+    method = build_method(name, tiny_encoder(), "tiny", **overrides)
+    views = random_views(name, batch=6)
+    for step in range(5):  # SwAV: 4 batches fill the queue, the 5th uses it
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = method(views)
+        assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+        out["loss"].backward()
+        method.on_before_optimizer_step(epoch=0, iteration=step)
+        method.on_after_optimizer_step(progress=0.1)
+    assert all(torch.isfinite(p.grad).all() for p in method.encoder.parameters())
+    if name == "swav":
+        assert float(out["queue_used"]) == 1.0
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_tiny_training_reduces_loss_and_grads_are_finite(name):
+    """Eight SGD steps on one fixed batch with the real tiny recipe (ResNet-18, 32 px views)."""
+    torch.manual_seed(0)
+    method = build_method(name, build_encoder("resnet18"), "tiny")
+    views = random_views(name, batch=8)
+    params = [p for p in method.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+    losses = []
+    for step in range(8):
+        out = method(views)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        if step == 0:
+            missing = [
+                n for n, p in method.named_parameters() if p.requires_grad and p.grad is None
+            ]
+            assert not missing, f"no gradient reached {missing}"
+            bad = [
+                n
+                for n, p in method.named_parameters()
+                if p.grad is not None and not torch.isfinite(p.grad).all()
+            ]
+            assert not bad, f"non-finite gradients in {bad}"
+        method.on_before_optimizer_step(epoch=0, iteration=step)
+        optimizer.step()
+        method.on_after_optimizer_step(progress=(step + 1) / 8)
+        losses.append(float(out["loss"].detach()))
+    assert all(math.isfinite(v) for v in losses)
+    assert min(losses[-3:]) < losses[0], losses
