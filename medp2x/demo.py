@@ -20,7 +20,20 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-NATURAL_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "camera", "coins", "moon", "brick", "gravel", "grass", "page")
+NATURAL_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "hubble_deep_field",
+    "camera",
+    "coins",
+    "moon",
+    "brick",
+    "gravel",
+    "grass",
+    "page",
+)
 IHC_CLASSES = ("background", "haematoxylin", "dab_positive")
 
 
@@ -41,7 +54,9 @@ class RandomCropDataset(Dataset):
     """Fixed random crops (several scales) of a few large images: a small natural-scene
     pretraining set. Crops are drawn once from a seed so runs and resumes see the same data."""
 
-    def __init__(self, images: list[np.ndarray], n_crops: int = 1024, size: int = 64, seed: int = 0):
+    def __init__(
+        self, images: list[np.ndarray], n_crops: int = 1024, size: int = 64, seed: int = 0
+    ):
         rng = np.random.default_rng(seed)
         self.size = size
         self.images = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in images]
@@ -59,20 +74,32 @@ class RandomCropDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         index, y, x, side = self.crops[i]
         crop = self.images[index][:, y : y + side, x : x + side]
-        crop = torch.nn.functional.interpolate(crop[None], size=(self.size, self.size), mode="bilinear", antialias=True)[0]
+        crop = torch.nn.functional.interpolate(
+            crop[None], size=(self.size, self.size), mode="bilinear", antialias=True
+        )[0]
         return {"image": crop.clamp(0, 1), "label": -1, "meta": {"source": NATURAL_PHOTOS[index]}}
 
 
 def write_demo_slide(folder: Path) -> Path:
-    """scikit-image's IHC section as a pyramidal TIFF that OpenSlide opens (``generic-tiff``)."""
+    """scikit-image's IHC section as a pyramidal TIFF that OpenSlide opens (``generic-tiff``).
+
+    The 512 px section is upsampled 2x (as if scanned at twice the magnification, 0.25 um/px)
+    so that the tiny recipe's 64 px tiles give the second stage about 150 tissue tiles.
+    """
     import skimage.data
+    import skimage.transform
 
     from medp2x.data.wsi import write_pyramidal_tiff
 
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "ihc_demo.tiff"
     if not path.exists():
-        write_pyramidal_tiff(path, skimage.data.immunohistochemistry(), tile=128, levels=3, mpp=0.5)
+        section = skimage.data.immunohistochemistry()
+        upsampled = skimage.transform.rescale(
+            section, 2, channel_axis=2, order=3, anti_aliasing=False
+        )
+        rgb = (upsampled.clip(0, 1) * 255).round().astype(np.uint8)
+        write_pyramidal_tiff(path, rgb, tile=256, levels=3, mpp=0.25)
     return path
 
 

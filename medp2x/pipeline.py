@@ -56,7 +56,8 @@ class P2XJob:
     amp: bool = False
     seed: int = 0
     checkpoint_every: int = 0
-    first_stage_epochs: int = 4
+    first_stage_epochs: int = 4  # demo only: the stand-in first stage
+    demo_epochs: int = 10  # demo only: second-stage epochs when `epochs` is not set
     max_iterations: int | None = None
     method_options: dict = field(default_factory=dict)
 
@@ -91,7 +92,7 @@ class P2XJob:
                 arch=self.arch,
                 image_size=image_size,
                 batch_size=self.batch_size,
-                epochs=self.epochs,
+                epochs=self.epochs or (self.demo_epochs if demo else None),
                 lr=self.lr,
                 ssl_checkpoint=first_stage,
                 scale=self.scale,
@@ -118,7 +119,11 @@ class P2XJob:
         from medp2x.data.base import existing_path
 
         if not demo:
-            return existing_path(self.data_dir, "data_dir")
+            try:
+                return existing_path(self.data_dir, "data_dir")
+            except FileNotFoundError as err:  # say where the benchmark's data comes from
+                hint = getattr(self.make_dataset, "missing_data_hint", None)
+                raise FileNotFoundError(f"{err}; {hint}" if hint else str(err)) from None
         from medp2x.demo import write_demo_slide
 
         print(
