@@ -295,7 +295,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         n_saved=cfg.n_saved,
         global_step_transform=lambda engine, _: engine.state.iteration,
     )
-    every = Events.EPOCH_COMPLETED
+    every = Events.EPOCH_COMPLETED | Events.TERMINATE  # TERMINATE: an early stop keeps its work
     if cfg.checkpoint_every:
         every = every | Events.ITERATION_COMPLETED(every=cfg.checkpoint_every)
     if idist.get_rank() == 0:
@@ -315,8 +315,13 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
                 f"Resuming from {resume_from} at iteration {trainer.state.iteration}; no weight surgery."
             )
 
-    torch.manual_seed(cfg.seed)  # DeterministicEngine draws its data seed from here
-    trainer.run(loader, max_epochs=epochs)
+    finished = trainer.state.iteration >= total_iterations
+    if finished:  # Ignite would restart a finished run from scratch: keep its result instead
+        if idist.get_rank() == 0:
+            print(f"{out} already finished {total_iterations} iterations; delete it to retrain.")
+    else:
+        torch.manual_seed(cfg.seed)  # DeterministicEngine draws its data seed from here
+        trainer.run(loader, max_epochs=epochs)
 
     encoder_path = out / "encoder.pt"
     if idist.get_rank() == 0:

@@ -86,6 +86,12 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
     assert read_loss_log(tmp_path / "killed") == read_loss_log(tmp_path / "full")
+    # Started once more after it finished: nothing is retrained (Ignite alone would restart it).
+    again = pretrain(tiny_config(tmp_path, "killed"))
+    assert again.resumed and again.iterations == full.iterations
+    c = encoder_weights(again.encoder_path)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    assert read_loss_log(tmp_path / "killed") == read_loss_log(tmp_path / "full")
 
 
 def test_surgery_on_fresh_run_only(tmp_path):
