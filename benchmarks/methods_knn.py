@@ -56,6 +56,14 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast")
+    parser.add_argument(
+        "--blur-p",
+        type=float,
+        default=0.0,
+        help="blur probability: the 224 px recipes blur, which at 32-64 px erases the image "
+        "(CIFAR-scale recipes drop it); pass -1 to keep each method's own",
+    )
     args = parser.parse_args()
 
     data = ImageFolderDataset(args.data, image_size=args.image_size, on_error="skip")
@@ -81,6 +89,8 @@ def main() -> None:
                 max_iterations=args.iterations,
                 normalization="imagenet",
                 seed=args.seed,
+                amp=args.amp,
+                view_options={} if args.blur_p < 0 else {"blur_p": args.blur_p},
             )
         )
         seconds[method] = time.time() - started

@@ -64,7 +64,8 @@ class PretrainConfig:
     n_saved: int = 2
     max_iterations: int | None = None  # stop early (smoke tests); the schedule still spans epochs
     progress: bool = True
-    method_options: dict = field(default_factory=dict)
+    method_options: dict = field(default_factory=dict)  # recipe fields, e.g. {"temperature": 0.2}
+    view_options: dict = field(default_factory=dict)  # augmentation fields, e.g. {"blur_p": 0.0}
 
 
 @dataclass
@@ -137,7 +138,7 @@ def resolve_normalization(cfg: PretrainConfig, report: Any) -> dict | None:
             return None
         if cfg.normalization == "imagenet":
             return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
-        return dict(cfg.normalization)
+        return {"mean": list(cfg.normalization["mean"]), "std": list(cfg.normalization["std"])}
     if report is not None:
         return report.normalization
     return {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
@@ -151,19 +152,10 @@ def latest_checkpoint(checkpoint_dir: Path) -> Path | None:
     return files[-1] if files else None
 
 
-def pretrain(cfg: PretrainConfig) -> RunSummary:
-    """Run (or resume) one self-supervised pretraining run and write its encoder."""
-    from medp2x.checkpoints import load_encoder, save_encoder, torch_load_safe
-    from medp2x.methods import build_method, recipe_for
+def resolve_recipe(cfg: PretrainConfig) -> Any:
+    """The method's recipe for the profile, with the user's overrides."""
+    from medp2x.methods import recipe_for
     from medp2x.methods.base import override_recipe
-    from medp2x.optim import build_optimizer
-    from medp2x.surgery import SurgeryHandler
-    from medp2x.views import build_views
-
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
-    torch.manual_seed(cfg.seed)
 
     recipe = recipe_for(cfg.method, cfg.profile)
     overrides = dict(
@@ -173,35 +165,63 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     if cfg.lr is not None:  # an explicit peak learning rate: no batch-size scaling
         world_batch = recipe.batch_size * idist.get_world_size()
         recipe = override_recipe(recipe, base_lr=cfg.lr, lr_batch_divisor=world_batch)
-    arch, batch_size, epochs = recipe.arch, recipe.batch_size, recipe.epochs
-    channels = 1 if cfg.modality == "gray" else 3
+    return recipe
 
-    # Encoder: the first-stage SSL weights (P2X) or random (P1X). On resume the weights come
-    # from the run's checkpoint, but the first-stage file still decides the normalisation.
-    report = None
-    if cfg.ssl_checkpoint:
-        encoder, report = load_encoder(
-            cfg.ssl_checkpoint,
-            arch=arch,
-            in_channels=channels,
-            format=cfg.checkpoint_format,
-            gray=cfg.gray_stem,
-        )
-        channels = report.in_channels  # "repeat" keeps a 3-channel stem: gray images are repeated
-        logger.info("first-stage weights:\n%s", report)
-    else:
-        encoder = build_encoder(arch, in_channels=channels)
-    normalization = resolve_normalization(cfg, report)
-    normalize = (
-        Normalize(*(normalization or {}).values()) if normalization else Normalize(None, None)
+
+def first_stage_encoder(cfg: PretrainConfig, arch: str) -> tuple[torch.nn.Module, Any]:
+    """The first-stage SSL weights (P2X) or a random init (P1X), and the load report.
+
+    On resume the weights are replaced by the run's checkpoint, but the first-stage file still
+    decides the stem and the input normalisation.
+    """
+    from medp2x.checkpoints import load_encoder
+
+    channels = 1 if cfg.modality == "gray" else 3
+    if not cfg.ssl_checkpoint:
+        return build_encoder(arch, in_channels=channels), None
+    encoder, report = load_encoder(
+        cfg.ssl_checkpoint,
+        arch=arch,
+        in_channels=channels,  # gray_stem "repeat" keeps 3 channels: gray images are repeated
+        format=cfg.checkpoint_format,
+        gray=cfg.gray_stem,
     )
+    logger.info("first-stage weights:\n%s", report)
+    return encoder, report
+
+
+def first_conv_channels(encoder: torch.nn.Module) -> int:
+    return next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
+
+
+def pretrain(cfg: PretrainConfig) -> RunSummary:
+    """Run (or resume) one self-supervised pretraining run and write its encoder."""
+    from medp2x.checkpoints import save_encoder, torch_load_safe
+    from medp2x.methods import build_method
+    from medp2x.optim import build_optimizer
+    from medp2x.surgery import SurgeryHandler
+    from medp2x.views import build_views
+
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    resume_from = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    torch.manual_seed(cfg.seed)
+
+    recipe = resolve_recipe(cfg)
+    encoder, report = first_stage_encoder(cfg, recipe.arch)
+    channels = first_conv_channels(encoder)
+    normalization = resolve_normalization(cfg, report)
+    normalize = Normalize(**normalization) if normalization else Normalize(None, None)
+    arch, batch_size, epochs = recipe.arch, recipe.batch_size, recipe.epochs
 
     method = build_method(cfg.method, encoder, recipe=recipe, **cfg.method_options)
     recipe = method.recipe
     device = idist.device()
-    model = idist.auto_model(method)
+    model = idist.auto_model(method, sync_bn=True)  # SyncBN across GPUs, as the originals
     normalize = normalize.to(device)
-    augment = build_views(cfg.method, cfg.modality, recipe.views, device=device)
+    augment = build_views(
+        cfg.method, cfg.modality, recipe.views, device=device, overrides=cfg.view_options
+    )
 
     # The shuffle order is a function of (seed, epoch) alone, never of the global RNG, so a
     # resumed run sees the same batches (Ignite's ReproducibleBatchSampler draws its order

@@ -59,6 +59,49 @@ class SkipLog:
         return "\n".join(lines)
 
 
+class SkipUnreadable:
+    """``__getitem__`` with the bad-file policy, on top of a reader's ``load(index)``.
+
+    ``raise``: ``load`` as it is. ``skip``: the next readable sample stands in (wrapping round),
+    each bad source file is recorded once in ``self.skipped`` and never tried again, and
+    ``meta["skipped"]`` says how many were passed over. A ``Dataset`` cannot drop an index, so
+    standing in keeps batch shapes and epoch lengths; readers say which source file (slide,
+    DICOM file, volume) a sample comes from with ``source_of``.
+    """
+
+    on_error: OnError
+    skipped: SkipLog
+
+    def load(self, index: int) -> dict:
+        raise NotImplementedError
+
+    def source_of(self, index: int) -> int:
+        return index
+
+    def __getitem__(self, index: int) -> dict:
+        if not -len(self) <= index < len(self):  # type: ignore[arg-type]
+            raise IndexError(f"sample {index} of {len(self)}")  # type: ignore[arg-type]
+        if self.on_error == "raise":
+            return self.load(index)
+        bad: set[int] = self.__dict__.setdefault("_bad_sources", set())
+        passed_over = 0
+        for offset in range(len(self)):  # type: ignore[arg-type]
+            candidate = (index + offset) % len(self)  # type: ignore[arg-type]
+            source = self.source_of(candidate)
+            if source in bad:
+                continue
+            try:
+                sample = self.load(candidate)
+            except UnreadableFileError as err:
+                bad.add(source)
+                self.skipped.add(err.path, err.reason)
+                passed_over += 1
+                continue
+            sample["meta"]["skipped"] = passed_over
+            return sample
+        raise UnreadableFileError(getattr(self, "root", "dataset"), "no readable sample left")
+
+
 def check_on_error(on_error: str) -> OnError:
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")

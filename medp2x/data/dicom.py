@@ -43,6 +43,7 @@ from torch.utils.data import Dataset as TorchDataset
 from medp2x.data.base import (
     OnError,
     SkipLog,
+    SkipUnreadable,
     UnreadableFileError,
     check_on_error,
     existing_path,
@@ -464,7 +465,7 @@ def _inverted(header: Dataset, photometric: str) -> bool:
 # --------------------------------------------------------------------------- dataset
 
 
-class DicomDataset(TorchDataset):
+class DicomDataset(SkipUnreadable, TorchDataset):
     """Frames of the DICOM files under ``root`` as samples ``{"image", "label": -1, "meta"}``.
 
     ``modalities`` keeps only files whose Modality is listed (e.g. :data:`X_RAY_AND_US`);
@@ -502,7 +503,6 @@ class DicomDataset(TorchDataset):
         self.files: list[Path] = []
         self.infos: list[DicomFileInfo] = []
         self.excluded_by_modality = 0
-        self._bad_files: set[int] = set()
         self._build_index(index_cache)
 
     # ----- index
@@ -561,19 +561,13 @@ class DicomDataset(TorchDataset):
             fresh[key] = {"stamp": stamp, "info": asdict(info)}
         return info
 
-    def __getstate__(self) -> dict:  # DataLoader workers under "spawn" pickle the dataset
-        state = self.__dict__.copy()
-        state["skipped"] = list(self.skipped.skipped)  # SkipLog holds a lock
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        skipped, self.__dict__ = state.pop("skipped"), state
-        self.skipped = SkipLog(skipped=skipped)
-
     # ----- samples
 
     def __len__(self) -> int:
         return len(self._sample_file)
+
+    def source_of(self, index: int) -> int:
+        return int(self._sample_file[index])
 
     def load(self, index: int) -> dict:
         """Sample ``index``, raising :class:`UnreadableFileError` whatever ``on_error``."""
@@ -594,23 +588,6 @@ class DicomDataset(TorchDataset):
             "label": -1,
             "meta": meta,
         }
-
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"sample {index} of {len(self)}")  # ends for-loops over us
-        if self.on_error == "raise":
-            return self.load(index)
-        for offset in range(len(self)):  # skip mode: the next readable sample stands in
-            candidate = (index + offset) % len(self)
-            file_index = int(self._sample_file[candidate])
-            if file_index in self._bad_files:
-                continue
-            try:
-                return self.load(candidate)
-            except UnreadableFileError as error:
-                self._bad_files.add(file_index)
-                self.skipped.add(error.path, error.reason)
-        raise RuntimeError(f"no readable DICOM frame left under {self.root}")
 
 
 def _load_index_cache(path: str | Path | None) -> dict:

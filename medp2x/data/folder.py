@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from medp2x.data.base import (
     SkipLog,
+    SkipUnreadable,
     UnreadableFileError,
     check_on_error,
     existing_path,
@@ -41,7 +42,7 @@ MAX_PIXELS = 1 << 28  # larger images are whole slides: use WSITileDataset
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's "L"
 
 
-class ImageFileDataset(Dataset):
+class ImageFileDataset(SkipUnreadable, Dataset):
     """Samples from a list of (image file, label): the decoding shared by folders and CSVs."""
 
     def __init__(
@@ -57,29 +58,9 @@ class ImageFileDataset(Dataset):
         self.on_error = check_on_error(on_error)
         self.classes = classes
         self.skipped = SkipLog()
-        self._bad: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        if self.on_error == "raise":
-            return self.load(index)
-        skipped = 0
-        for step in range(len(self)):
-            i = (index + step) % len(self)
-            if i in self._bad:
-                continue
-            try:
-                sample = self.load(i)
-            except UnreadableFileError as err:
-                self._bad.add(i)
-                self.skipped.add(err.path, err.reason)
-                skipped += 1
-                continue
-            sample["meta"]["skipped"] = skipped
-            return sample
-        raise UnreadableFileError(self.items[index][0], "no image of this dataset is readable")
 
     def load(self, index: int) -> dict:
         """Sample ``index`` without the skip policy: raises ``UnreadableFileError``."""
@@ -98,15 +79,6 @@ class ImageFileDataset(Dataset):
     @property
     def files(self) -> list[Path]:
         return [path for path, _ in self.items]
-
-    def __getstate__(self) -> dict:  # spawned DataLoader workers pickle the dataset
-        state = self.__dict__.copy()
-        state["skipped"] = list(self.skipped.skipped)  # SkipLog holds a lock: not picklable
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.skipped = SkipLog(list(state["skipped"]))
 
     @property
     def num_classes(self) -> int:

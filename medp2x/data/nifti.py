@@ -30,6 +30,7 @@ from torch.utils.data import Dataset as TorchDataset
 from medp2x.data.base import (
     OnError,
     SkipLog,
+    SkipUnreadable,
     UnreadableFileError,
     check_on_error,
     existing_path,
@@ -241,7 +242,7 @@ def mri_augmentation(profile: str = "light"):
 # --------------------------------------------------------------------------- dataset
 
 
-class NiftiSliceDataset(TorchDataset):
+class NiftiSliceDataset(SkipUnreadable, TorchDataset):
     """2D slices along canonical ``axis`` (0 sagittal, 1 coronal, 2 axial) of the NIfTI
     volumes under ``root``, as samples ``{"image": 1 x H x W, "label": -1, "meta"}``.
 
@@ -288,7 +289,6 @@ class NiftiSliceDataset(TorchDataset):
         self.skipped = SkipLog()
         self.volumes: list[VolumeEntry] = []
         self._cache: OrderedDict[tuple[Path, int], np.ndarray] = OrderedDict()
-        self._bad_volumes: set[int] = set()
         self._build_index(mask)
 
     # ----- index
@@ -361,18 +361,16 @@ class NiftiSliceDataset(TorchDataset):
 
     def __getstate__(self) -> dict:  # DataLoader workers under "spawn" pickle the dataset
         state = self.__dict__.copy()
-        state["skipped"] = list(self.skipped.skipped)  # SkipLog holds a lock
         state["_cache"] = OrderedDict()  # volumes are per process
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        skipped, self.__dict__ = state.pop("skipped"), state
-        self.skipped = SkipLog(skipped=skipped)
 
     # ----- samples
 
     def __len__(self) -> int:
         return len(self._sample_volume)
+
+    def source_of(self, index: int) -> int:
+        return int(self._sample_volume[index])
 
     def _plane(self, entry: VolumeEntry, index: int) -> np.ndarray:
         key = (entry.path, entry.volume)
@@ -410,20 +408,3 @@ class NiftiSliceDataset(TorchDataset):
         }
         tensor = to_sample_tensor(image, self.channels, self.image_size)
         return {"image": tensor, "label": -1, "meta": meta}
-
-    def __getitem__(self, index: int) -> dict:
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"sample {index} of {len(self)}")  # ends for-loops over us
-        if self.on_error == "raise":
-            return self.load(index)
-        for offset in range(len(self)):  # skip mode: the next readable sample stands in
-            candidate = (index + offset) % len(self)
-            volume = int(self._sample_volume[candidate])
-            if volume in self._bad_volumes:
-                continue
-            try:
-                return self.load(candidate)
-            except UnreadableFileError as error:
-                self._bad_volumes.add(volume)
-                self.skipped.add(error.path, error.reason)
-        raise RuntimeError(f"no readable NIfTI slice left under {self.root}")

@@ -35,6 +35,7 @@ from torch.utils.data import Dataset
 
 from medp2x.data.base import (
     SkipLog,
+    SkipUnreadable,
     UnreadableFileError,
     check_on_error,
     existing_path,
@@ -73,7 +74,7 @@ class SlideIndex:
     from_cache: bool = False
 
 
-class WSITileDataset(Dataset):
+class WSITileDataset(SkipUnreadable, Dataset):
     """Tissue tiles of whole-slide images as samples ``{"image", "label": -1, "meta"}``.
 
     ``slides``: a slide file, a folder (searched recursively), or a list of either.
@@ -129,7 +130,7 @@ class WSITileDataset(Dataset):
         self._starts = self._ends - counts
         if len(self) == 0 and not allow_empty:
             raise ValueError(self._empty_reason())
-        self._pid, self._handles, self._bad, self._cache = None, OrderedDict(), set(), None
+        self._pid, self._handles, self._cache = None, OrderedDict(), None
 
     # ------------------------------------------------------------------ indexing
     def _index_all(self, sources: list[tuple[Path, str]], max_tiles: int | None, seed: int):
@@ -220,26 +221,6 @@ class WSITileDataset(Dataset):
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
 
-    def __getitem__(self, index: int) -> dict:
-        if self.on_error == "raise":
-            return self.load(index)
-        skipped = 0
-        for _ in range(len(self.slides)):
-            slide = self._slide_of(index)
-            if slide not in self._bad_slides():
-                try:
-                    sample = self.load(index)
-                    sample["meta"]["skipped"] = skipped
-                    return sample
-                except UnreadableFileError as err:
-                    self._bad.add(slide)
-                    self.skipped.add(err.path, err.reason)
-                    skipped += 1
-            index = int(self._ends[slide]) % len(self)  # first tile of the next slide
-        raise UnreadableFileError(
-            self.slides[self._slide_of(index)].path, "unreadable, like every other slide here"
-        )
-
     def load(self, index: int) -> dict:
         """Tile ``index`` without the skip policy: raises ``UnreadableFileError`` on failure."""
         if not 0 <= index < len(self):
@@ -272,18 +253,17 @@ class WSITileDataset(Dataset):
         """The readable slides (for DICOM-WSI: the instance each slide is opened through)."""
         return [info.path for info in self.slides]
 
+    def source_of(self, index: int) -> int:
+        return self._slide_of(index)
+
     def _slide_of(self, index: int) -> int:
         return int(np.searchsorted(self._ends, index, side="right"))
-
-    def _bad_slides(self) -> set[int]:
-        self._check_process()
-        return self._bad
 
     def _check_process(self) -> None:
         # Handles inherited through fork share file offsets and OpenSlide's internal state
         # with the parent: each worker process starts its own.
         if self._pid != os.getpid():
-            self._pid, self._handles, self._bad = os.getpid(), OrderedDict(), set()
+            self._pid, self._handles = os.getpid(), OrderedDict()
             self._cache = openslide.OpenSlideCache(TILE_CACHE_BYTES)
 
     def _handle(self, s: int) -> openslide.OpenSlide:
@@ -309,13 +289,8 @@ class WSITileDataset(Dataset):
 
     def __getstate__(self) -> dict:  # spawned workers and pickling: no OpenSlide handles
         state = self.__dict__.copy()
-        state.update(_pid=None, _handles=OrderedDict(), _bad=set(), _cache=None)
-        state["skipped"] = list(self.skipped.skipped)  # SkipLog holds a lock: not picklable
+        state.update(_pid=None, _handles=OrderedDict(), _cache=None)
         return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.skipped = SkipLog(list(state["skipped"]))
 
 
 # ---------------------------------------------------------------------- slides on disk
