@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
     parser.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: recipe)"
+    )
+    parser.add_argument(
         "--blur-p",
         type=float,
         default=0.0,
@@ -90,6 +93,7 @@ def main() -> None:
                 normalization="imagenet",
                 seed=args.seed,
                 amp=args.amp,
+                lr=args.lr,
                 view_options={} if args.blur_p < 0 else {"blur_p": args.blur_p},
             )
         )

@@ -1,4 +1,4 @@
-"""The ``medp2x`` command: ``medp2x inspect|surgery|convert|scan|evaluate|pretrain ...``."""
+"""The ``medp2x`` command: ``medp2x inspect|surgery|convert|scan|evaluate ...``."""
 
 from __future__ import annotations
 
