@@ -61,7 +61,7 @@ class PretrainConfig:
     amp: bool = False  # bf16 autocast
     seed: int = 0
     checkpoint_every: int = 0  # iterations; 0 = at the end of every epoch only
-    n_saved: int = 2
+    n_saved: int | None = 2  # checkpoints kept; None keeps every one (for convergence figures)
     max_iterations: int | None = None  # stop early (smoke tests); the schedule still spans epochs
     progress: bool = True
     method_options: dict = field(default_factory=dict)  # recipe fields, e.g. {"temperature": 0.2}

@@ -56,6 +56,7 @@ class P2XJob:
     amp: bool = False
     seed: int = 0
     checkpoint_every: int = 0
+    keep_checkpoints: int = 2  # 0 keeps every one: what the convergence figures read
     first_stage_epochs: int = 4  # demo only: the stand-in first stage
     demo_epochs: int = 10  # demo only: second-stage epochs when `epochs` is not set
     max_iterations: int | None = None
@@ -104,6 +105,7 @@ class P2XJob:
                 amp=self.amp,
                 seed=self.seed,
                 checkpoint_every=self.checkpoint_every,
+                n_saved=self.keep_checkpoints or None,
                 max_iterations=self.max_iterations,
                 method_options=self.method_options,
             )

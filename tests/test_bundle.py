@@ -101,10 +101,13 @@ def test_bundle_runs_on_user_data_with_overrides_only(tmp_path):
     result = run_bundle(
         "--data_dir", str(slides), "--ssl_checkpoint", str(ckpt), "--eval_dir", str(labelled),
         "--output_dir", str(out), "--arch", "resnet18", "--image_size", "32", "--batch_size", "4",
-        "--epochs", "1", "--max_iterations", "2", "--eval_epochs", "2",
+        "--epochs", "1", "--max_iterations", "3", "--eval_epochs", "2",
+        "--checkpoint_every", "1", "--keep_checkpoints", "0",
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "cannot be downloaded" not in result.stdout  # no demo stand-in on real data
     assert (out / "p2x" / "encoder.pt").is_file()
+    kept = sorted(p.name for p in (out / "p2x" / "checkpoints").glob("*.pt"))
+    assert kept == ["checkpoint_1.pt", "checkpoint_2.pt", "checkpoint_3.pt"]  # all kept
     results = (out / "evaluation" / "results.csv").read_text()
     assert "P2X" in results and "First stage" in results and "Random" in results
