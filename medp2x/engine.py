@@ -348,6 +348,10 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         save_encoder(encoder_path, method.encoder.state_dict(), **meta)
         write_run_config(out, cfg, meta, recipe)
     losses = read_loss_log(out)
+    if idist.get_rank() == 0 and losses:
+        from medp2x.plots import plot_loss_curve
+
+        plot_loss_curve(losses, out / "loss.png", title=f"{cfg.method} pretraining loss: {out}")
     return RunSummary(
         output_dir=out,
         encoder_path=encoder_path,

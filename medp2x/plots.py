@@ -14,6 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+import numpy as np  # noqa: E402
 
 Series = Mapping[str, Sequence[tuple[float, float]]]
 
@@ -71,3 +72,24 @@ def write_series_csv(series: Series, path: str | Path) -> Path:
             for x, y in sorted(points):
                 writer.writerow([name, x, y])
     return path
+
+
+def plot_loss_curve(losses: Sequence[float], out_png: str | Path, title: str = "") -> Path:
+    """The pretraining loss per iteration and its running mean: the convergence curve users
+    look at first (TensorBoard has the same numbers)."""
+    out_png = Path(out_png)
+    values = np.asarray(losses, dtype=float)
+    window = max(1, len(values) // 20)
+    smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
+    ax.plot(np.arange(1, len(values) + 1), values, lw=0.6, alpha=0.4, label="loss")
+    ax.plot(np.arange(window, len(values) + 1), smooth, lw=1.6, label=f"mean of {window}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

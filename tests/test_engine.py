@@ -60,6 +60,7 @@ def test_pretrain_writes_outputs_and_loss(tmp_path):
     out = tmp_path / "run"
     assert summary.iterations == 2 * (32 // 8)
     assert (out / "encoder.pt").is_file() and (out / "run_config.json").is_file()
+    assert (out / "loss.png").stat().st_size > 1000  # the convergence curve
     assert list((out / "tb").glob("events.*")), "TensorBoard events missing"
     losses = read_loss_log(out)
     assert len(losses) == summary.iterations
