@@ -21,9 +21,8 @@ from torch.utils.data import Subset
 
 from medp2x.data.folder import ImageFolderDataset
 from medp2x.engine import PretrainConfig, pretrain
-from medp2x.evaluate import compare_encoders, dataset_labels, stratified_split
+from medp2x.evaluate import compare_encoders, dataset_labels, resolve_encoder, stratified_split
 from medp2x.methods import METHODS
-from medp2x.pipeline import load_normalized, random_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +74,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     epochs = max(1, -(-args.iterations * args.batch_size // len(unlabelled)))
 
-    encoders = {"random init": random_encoder("resnet18")}
+    encoders = {"random init": resolve_encoder("random", "resnet18", seed=args.seed)}
     seconds = {"random init": 0.0}
     for method in args.methods:
         started = time.time()
@@ -98,7 +97,7 @@ def main() -> None:
             )
         )
         seconds[method] = time.time() - started
-        encoders[method] = load_normalized(summary.encoder_path)
+        encoders[method] = resolve_encoder(summary.encoder_path)
         print(
             f"{method}: loss {summary.first_loss:.3f} -> {summary.last_loss:.3f} in {seconds[method]:.0f} s"
         )

@@ -28,7 +28,7 @@ from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
 from torch.utils.data import Dataset, DistributedSampler
 
 from medp2x import __version__
-from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_encoder
+from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_encoder, match_channels
 
 logger = logging.getLogger("medp2x.engine")
 
@@ -119,16 +119,6 @@ def collate_images(size: int, channels: int) -> Callable[[Sequence[dict]], torch
         return torch.stack(images).clamp_(0, 1)
 
     return collate
-
-
-def match_channels(image: torch.Tensor, channels: int) -> torch.Tensor:
-    if image.shape[0] == channels:
-        return image
-    if channels == 3 and image.shape[0] == 1:
-        return image.expand(3, -1, -1)
-    if channels == 1 and image.shape[0] == 3:
-        return image.mean(0, keepdim=True)
-    raise ValueError(f"cannot turn a {image.shape[0]}-channel image into {channels} channels")
 
 
 def resolve_normalization(cfg: PretrainConfig, report: Any) -> dict | None:

@@ -37,7 +37,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from medp2x.metrics import METRICS, classification_metrics
-from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, NormalizedEncoder, build_encoder
+from medp2x.networks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    NormalizedEncoder,
+    build_encoder,
+    match_channels,
+)
 
 logger = logging.getLogger("medp2x.evaluate")
 
@@ -251,19 +257,6 @@ def input_channels(encoder: nn.Module) -> int | None:
     """Channels the encoder's first convolution expects (None: no convolution found)."""
     first = next((m for m in encoder.modules() if isinstance(m, nn.Conv2d)), None)
     return None if first is None else first.in_channels
-
-
-def match_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
-    """Gray -> RGB by repetition (the ImageNet stems see gray as R = G = B), RGB -> gray by
-    averaging; anything else is an error worth stopping for."""
-    have = images.shape[1]
-    if channels is None or have == channels:
-        return images
-    if have == 1:
-        return images.expand(-1, channels, -1, -1)
-    if channels == 1:
-        return images.mean(1, keepdim=True)
-    raise ValueError(f"images have {have} channels but the encoder expects {channels}")
 
 
 # ----------------------------------------------------------------------------- encoders

@@ -45,6 +45,19 @@ def feature_dim(encoder: nn.Module) -> int:
     return int(out.shape[1])
 
 
+def match_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """Gray -> RGB by repetition (ImageNet stems see gray as R = G = B), RGB -> gray by
+    averaging; one image (C x H x W) or a batch (N x C x H x W). ``None`` keeps the input."""
+    have = images.shape[-3]
+    if channels is None or have == channels:
+        return images
+    if have == 1:
+        return images.expand(*images.shape[:-3], channels, *images.shape[-2:])
+    if channels == 1:
+        return images.mean(-3, keepdim=True)
+    raise ValueError(f"images have {have} channels but the encoder expects {channels}")
+
+
 class Normalize(nn.Module):
     """Per-channel ``(x - mean) / std`` as a layer, so an encoder carries the input scaling
     its weights expect (SimCLR: none; ImageNet mean/std for the others)."""

@@ -16,10 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch import nn
 from torch.utils.data import Dataset
-
-from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, NormalizedEncoder, build_encoder
 
 logger = logging.getLogger("medp2x.pipeline")
 
@@ -152,12 +149,13 @@ class P2XJob:
         if train is None:
             print("[4/4] no eval_dir given: skipping the downstream evaluation")
             return []
-        from medp2x.evaluate import compare_encoders, format_table, write_results
+        from medp2x.evaluate import compare_encoders, format_table, resolve_encoder, write_results
 
-        encoders = {"Random": random_encoder(arch, 1 if self.modality == "gray" else 3)}
+        channels = 1 if self.modality == "gray" else 3
+        encoders = {"Random": resolve_encoder("random", arch, channels, seed=self.seed)}
         if first_stage is not None:
-            encoders["First stage"] = load_normalized(first_stage)
-        encoders[self.schedule.upper()] = load_normalized(p2x_path)
+            encoders["First stage"] = resolve_encoder(first_stage)
+        encoders[self.schedule.upper()] = resolve_encoder(p2x_path)
         print(
             f"[4/4] {self.eval_protocol} evaluation of {', '.join(encoders)} on {len(train)} train / {len(test)} test samples"
         )
@@ -227,16 +225,6 @@ def make_demo_first_stage(folder: Path, job: P2XJob) -> Path:
         f"      first stage: loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}, weights {summary.encoder_path}"
     )
     return summary.encoder_path
-
-
-def load_normalized(path: str | Path) -> nn.Module:
-    from medp2x.evaluate import resolve_encoder
-
-    return resolve_encoder(path)
-
-
-def random_encoder(arch: str, in_channels: int = 3) -> nn.Module:
-    return NormalizedEncoder(build_encoder(arch, in_channels), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def print_summary(job: P2XJob, report: dict) -> None:

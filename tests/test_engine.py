@@ -3,6 +3,7 @@ exactly the weights of an uninterrupted one, and surgery runs on fresh runs only
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -112,3 +113,37 @@ def test_surgery_on_fresh_run_only(tmp_path):
     resumed = pretrain(tiny_config(tmp_path, "p2x", ssl_checkpoint=first))
     assert resumed.resumed and not resumed.surgery_applied
     assert report.stat().st_mtime_ns == stamp
+
+
+def test_gray_data_from_rgb_checkpoint_sum_and_repeat_stems(tmp_path):
+    """--gray_stem: "sum" trains a 1-channel stem, "repeat" keeps 3 channels (gray repeated)."""
+    first = tmp_path / "rgb.pt"
+    save_encoder(first, build_encoder("resnet18").state_dict(), "resnet18", 3, normalization=None)
+    gray = Blobs(n=16, channels=1)
+    for stem, channels in (("sum", 1), ("repeat", 3)):
+        summary = pretrain(
+            tiny_config(
+                tmp_path,
+                stem,
+                dataset=gray,
+                modality="gray",
+                gray_stem=stem,
+                ssl_checkpoint=first,
+                max_iterations=1,
+            )
+        )
+        state, report = read_checkpoint(summary.encoder_path, in_channels=None)  # as stored
+        assert state["conv1.weight"].shape[1] == channels and report.in_channels == channels
+
+
+def test_normalization_override_and_bf16_are_recorded(tmp_path):
+    summary = pretrain(
+        tiny_config(tmp_path, "amp", normalization="none", amp=True, max_iterations=2)
+    )
+    _, report = read_checkpoint(summary.encoder_path)
+    assert report.normalization is None  # [0, 1] input, as the user asked
+    assert all(torch.isfinite(torch.tensor(read_loss_log(tmp_path / "amp"))))
+    imagenet = pretrain(tiny_config(tmp_path, "in", normalization="imagenet", max_iterations=1))
+    assert read_checkpoint(imagenet.encoder_path)[1].normalization["mean"] == pytest.approx(
+        [0.485, 0.456, 0.406]
+    )

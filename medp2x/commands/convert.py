@@ -18,16 +18,9 @@ from __future__ import annotations
 
 import argparse
 
-FORMAT_CHOICES = (
-    "auto",
-    "torchvision",
-    "swav",
-    "moco",
-    "simclr-tonylins",
-    "simclr-separius",
-    "byol",
-    "medp2x",
-)
+from medp2x.checkpoints import FORMATS
+
+FORMAT_CHOICES = ("auto", *FORMATS)
 
 
 def register(subparsers) -> None:
