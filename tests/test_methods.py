@@ -20,10 +20,11 @@ from medp2x.methods.swav import sinkhorn, swapped_prediction_loss
 from medp2x.networks import build_encoder
 
 
-def tiny_encoder(width: int = 16) -> nn.Module:
-    """Two convs, no BN: fast, and per-sample so loss references stay simple."""
+def tiny_encoder(width: int = 16, batch_norm: bool = False) -> nn.Module:
+    """Two convs, no BN by default: fast, and per-sample so loss references stay simple."""
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, stride=2, padding=1),
+        nn.BatchNorm2d(8) if batch_norm else nn.Identity(),
         nn.ReLU(),
         nn.Conv2d(8, width, 3, stride=2, padding=1),
         nn.ReLU(),
@@ -318,7 +319,7 @@ def test_moco_queue_is_a_ring_buffer_in_batch_order():
 
 def test_moco_forward_enqueues_keys_and_key_encoder_follows_momentum():
     torch.manual_seed(0)
-    method = build_method("moco", tiny_encoder(), "tiny", queue_length=16)
+    method = build_method("moco", tiny_encoder(), "tiny", queue_length=16, bn_splits=1)
     v1, v2 = random_views("moco", batch=4)
     with torch.no_grad():
         keys = F.normalize(method.key_projector(method.key_encoder(v2)), dim=1)
@@ -333,6 +334,31 @@ def test_moco_forward_enqueues_keys_and_key_encoder_follows_momentum():
     ):
         torch.testing.assert_close(new, m * old + (1 - m) * online.detach())
     assert "queue" in method.state_dict() and "key_encoder.0.weight" in method.state_dict()
+
+
+def test_moco_one_process_simulates_shuffled_bn_groups():
+    """One process, bn_splits=2: queries go through the encoder in two contiguous groups; keys
+    are shuffled, go through the key network in two groups and are unshuffled (the authors'
+    CIFAR demo), so a query and its key do not share BN statistics."""
+    torch.manual_seed(0)
+    encoder = tiny_encoder(batch_norm=True)
+    method = build_method("moco", encoder, "tiny", queue_length=16, bn_splits=2)
+    v1, v2 = random_views("moco", batch=8)
+    queue = method.queue.clone()
+    torch.manual_seed(1)
+    order = torch.randperm(8)
+    with torch.no_grad():
+        q = method.projector(torch.cat([method.encoder(v1[:4]), method.encoder(v1[4:])]))
+        shuffled = v2[order]
+        k = torch.cat([method.key_encoder(shuffled[:4]), method.key_encoder(shuffled[4:])])
+        k = method.key_projector(k)[torch.argsort(order)]
+        unsplit_k = method.key_projector(method.key_encoder(v2))
+    assert not torch.allclose(k, unsplit_k, atol=1e-3)  # the groups' statistics matter
+    torch.manual_seed(1)
+    out = method([v1, v2])
+    expected = info_nce(q, k, queue, method.recipe.temperature)["loss"]
+    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(method.queue[:8], F.normalize(k, dim=1))
 
 
 # --------------------------------------------------------------------------- every method

@@ -10,9 +10,13 @@ here it happens in ``on_after_optimizer_step``, the same point in the step seque
 
 Shuffling BN: with several processes the key batch is shuffled across ranks before the key
 encoder and unshuffled after (``_batch_shuffle_ddp``), so a key's BN statistics do not come
-from the rank holding its query. With one process there is nothing to shuffle across: both
-views' BN statistics then cover the same images, the leak MoCo's shuffle guards against; it
-matters little for short runs, but multi-process training avoids it.
+from the rank holding its query. Without it the model "cheats": query and positive key share
+their batch statistics, which lowers the loss without learning (MoCo §3.3). One process has no
+ranks to shuffle across, so it simulates ``bn_splits`` of them, as the authors' CIFAR demo
+does with its ``SplitBatchNorm``: queries go through the encoder in ``bn_splits`` contiguous
+groups, keys are shuffled, go through in groups, and are unshuffled. Forwarding each group
+separately gives each its own BN statistics without swapping the encoder's BN modules, so the
+saved backbone stays a plain torchvision network.
 
 The queue is a buffer of shape ``(queue_length, proj_out_dim)`` (rows are keys; the original
 stores the transpose) saved in checkpoints with its pointer, so a resumed run continues it.
@@ -49,6 +53,7 @@ class MoCoRecipe(Recipe):
     proj_hidden_dim: int | None = None  # None: the encoder's width, as builder.py
     proj_out_dim: int = 128
     shuffle_bn: bool = True
+    bn_splits: int = 8  # BN groups simulated by one process (the original's 8 GPUs)
 
 
 def recipe(profile: str) -> MoCoRecipe:
@@ -71,6 +76,7 @@ def recipe(profile: str) -> MoCoRecipe:
             weight_decay=5e-4, warmup_epochs=0,
             views=ViewSpec(n_large=2, large_size=64, large_scale=(0.2, 1.0)),
             temperature=0.2, queue_length=1024, key_momentum=0.99, proj_out_dim=64,
+            bn_splits=2,
         )  # fmt: skip
     validate_recipe(r)
     return r
@@ -99,6 +105,8 @@ class MoCo(SSLMethod):
         r = recipe
         if r.queue_length < 1:
             raise ValueError(f"moco queue_length must be positive, got {r.queue_length}")
+        if r.bn_splits < 1:
+            raise ValueError(f"moco bn_splits must be positive, got {r.bn_splits}")
         hidden = r.proj_hidden_dim or self.feature_dim
         self.projector = mlp([self.feature_dim, hidden, r.proj_out_dim], batch_norm=False)
         self.key_encoder = copy.deepcopy(encoder)
@@ -119,19 +127,34 @@ class MoCo(SSLMethod):
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_views(views)
-        q = self.projector(self.encoder(views[0]))
+        q = self.projector(self._split_forward(self.encoder, views[0]))
         k = self._keys(views[1])
         out = info_nce(q, k, self.queue, self.recipe.temperature)
         if self.training:
             self.enqueue(F.normalize(at_least_float32(k), dim=1))
         return out
 
+    def _simulated_splits(self, batch: int) -> int:
+        """BN groups for one process in training (1: no splitting), at least 2 images each."""
+        if not (self.recipe.shuffle_bn and self.training and world_size() == 1):
+            return 1
+        return max(1, min(self.recipe.bn_splits, batch // 2))
+
+    def _split_forward(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        splits = self._simulated_splits(images.shape[0])
+        if splits == 1:
+            return network(images)
+        return torch.cat([network(group) for group in images.tensor_split(splits)])
+
     @torch.no_grad()
     def _key_forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.key_projector(self.key_encoder(images))
+        return self.key_projector(self._split_forward(self.key_encoder, images))
 
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
+        if self._simulated_splits(images.shape[0]) > 1:  # _batch_shuffle_single_gpu
+            order = torch.randperm(images.shape[0], device=images.device)
+            return self._key_forward(images[order])[torch.argsort(order)]
         if not (self.recipe.shuffle_bn and self.training and world_size() > 1):
             return self._key_forward(images)
         everything = gather_no_grad(images)
