@@ -184,6 +184,20 @@ def first_conv_channels(encoder: torch.nn.Module) -> int:
     return next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
 
 
+def check_resumable(path: Path, stored: dict | None, current: dict) -> None:
+    """Refuse to resume a checkpoint of a run with other settings: its schedule, data order and
+    heads would silently continue under the new ones (e.g. a stale folder reused)."""
+    differ = {
+        k: (stored[k], v) for k, v in current.items() if k in (stored or {}) and stored[k] != v
+    }
+    if differ:
+        what = ", ".join(f"{k} {old!r} there, {new!r} now" for k, (old, new) in differ.items())
+        raise ValueError(
+            f"{path} is a checkpoint of a run with other settings ({what}): resume with the "
+            f"same settings, or choose a new output_dir (or delete {path.parent.parent})"
+        )
+
+
 def pretrain(cfg: PretrainConfig) -> RunSummary:
     """Run (or resume) one self-supervised pretraining run and write its encoder."""
     from medp2x.checkpoints import save_encoder, torch_load_safe
@@ -290,12 +304,22 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
             after=after_surgery,
         ).attach(trainer)
 
+    settings = {
+        "method": cfg.method,
+        "arch": arch,
+        "image_size": recipe.views.large_size,
+        "global_batch_size": batch_size * idist.get_world_size(),
+        "epochs": epochs,
+        "iterations_per_epoch": len(loader),
+        "seed": cfg.seed,
+    }
     to_save = {
         "model": method,
         "optimizer": optimizer,
         "lr_scheduler": scheduler,
         "trainer": trainer,
         "meta": RunMeta(meta),
+        "settings": RunMeta(settings),
     }
     saver = Checkpoint(
         to_save,
@@ -318,6 +342,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
 
     if resume_from is not None:
         state = torch_load_safe(resume_from)
+        check_resumable(resume_from, state.get("settings"), settings)
         Checkpoint.load_objects(to_load=to_save, checkpoint=state)
         logger.info("resuming from %s (iteration %d)", resume_from, trainer.state.iteration)
         if idist.get_rank() == 0:

@@ -96,6 +96,16 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert read_loss_log(tmp_path / "killed") == read_loss_log(tmp_path / "full")
 
 
+def test_a_run_folder_of_other_settings_is_not_resumed(tmp_path):
+    """A stale folder (here: another batch size and method) must not be continued silently."""
+    pretrain(tiny_config(tmp_path, "run", max_iterations=2))
+    with pytest.raises(ValueError, match=r"global_batch_size 8 there, 4 now.*new output_dir"):
+        pretrain(tiny_config(tmp_path, "run", batch_size=4))
+    with pytest.raises(ValueError, match=r"method 'simclr' there, 'byol' now"):
+        pretrain(tiny_config(tmp_path, "run", method="byol"))
+    assert pretrain(tiny_config(tmp_path, "run", max_iterations=3)).resumed
+
+
 def test_surgery_on_fresh_run_only(tmp_path):
     encoder = build_encoder("resnet18")
     with torch.no_grad():  # an inflated first stage, like an ImageNet SSL checkpoint
