@@ -28,6 +28,7 @@ from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
 from torch.utils.data import Dataset, DistributedSampler
 
 from medp2x import __version__
+from medp2x.monitor import CollapseMonitor
 from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_encoder, match_channels
 
 logger = logging.getLogger("medp2x.engine")
@@ -80,6 +81,8 @@ class RunSummary:
     last_loss: float
     resumed: bool
     surgery_applied: bool
+    spread: float | None = None  # embedding spread over the last tenth of the run (None: not run)
+    warnings: list[str] = field(default_factory=list)  # collapse warnings (medp2x.monitor)
 
 
 class RunMeta:
@@ -332,9 +335,11 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     every = Events.EPOCH_COMPLETED | Events.TERMINATE  # TERMINATE: an early stop keeps its work
     if cfg.checkpoint_every:
         every = every | Events.ITERATION_COMPLETED(every=cfg.checkpoint_every)
+    monitor = CollapseMonitor(total_iterations)
     if idist.get_rank() == 0:
         trainer.add_event_handler(every, saver)
         attach_loggers(trainer, out, cfg.progress)
+        monitor.attach(trainer)
     if cfg.max_iterations:
         trainer.add_event_handler(
             Events.ITERATION_COMPLETED(once=cfg.max_iterations), lambda e: e.terminate()
@@ -378,6 +383,8 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         last_loss=losses[-1] if losses else math.nan,
         resumed=resume_from is not None,
         surgery_applied=surgery_applied,
+        spread=monitor.mean("spread"),
+        warnings=list(monitor.warnings),
     )
 
 
@@ -410,8 +417,14 @@ def attach_loggers(trainer: Engine, out: Path, progress: bool) -> None:
     @trainer.on(Events.ITERATION_COMPLETED)
     def append_loss(engine: Engine) -> None:
         with open(log_path, "a", newline="") as f:
+            output = engine.state.output
             csv.writer(f).writerow(
-                [engine.state.iteration, engine.state.epoch, engine.state.output["loss"]]
+                [
+                    engine.state.iteration,
+                    engine.state.epoch,
+                    output["loss"],
+                    output.get("spread", ""),
+                ]
             )
 
 
@@ -426,8 +439,8 @@ def read_loss_rows(out: Path) -> list[dict]:
 def write_loss_rows(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["iteration", "epoch", "loss"])
-        writer.writerows([r["iteration"], r["epoch"], r["loss"]] for r in rows)
+        writer.writerow(["iteration", "epoch", "loss", "spread"])
+        writer.writerows([r["iteration"], r["epoch"], r["loss"], r.get("spread", "")] for r in rows)
 
 
 def read_loss_log(out: Path) -> list[float]:

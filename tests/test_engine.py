@@ -5,10 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ignite.engine import Engine
 from torch.utils.data import Dataset
 
 from medp2x.checkpoints import read_checkpoint, save_encoder
-from medp2x.engine import PretrainConfig, latest_checkpoint, pretrain, read_loss_log
+from medp2x.engine import (
+    PretrainConfig,
+    latest_checkpoint,
+    pretrain,
+    read_loss_log,
+    read_loss_rows,
+)
+from medp2x.monitor import CollapseMonitor
 from medp2x.networks import build_encoder
 
 
@@ -67,6 +75,8 @@ def test_pretrain_writes_outputs_and_loss(tmp_path):
     assert len(losses) == summary.iterations
     assert summary.first_loss == losses[0] and summary.last_loss == losses[-1]
     assert all(torch.isfinite(torch.tensor(losses)))
+    spreads = [float(r["spread"]) for r in read_loss_rows(out)]
+    assert len(spreads) == summary.iterations and 0.0 < summary.spread < 3.0
     assert latest_checkpoint(out / "checkpoints").name == f"checkpoint_{summary.iterations}.pt"
 
 
@@ -94,6 +104,21 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     c = encoder_weights(again.encoder_path)
     assert all(torch.equal(a[k], c[k]) for k in a)
     assert read_loss_log(tmp_path / "killed") == read_loss_log(tmp_path / "full")
+
+
+def test_collapse_monitor_warns_at_the_end_of_a_collapsed_run(capsys):
+    def run(outputs: dict) -> list[str]:
+        engine = Engine(lambda e, b: outputs)
+        monitor = CollapseMonitor(total_iterations=50)
+        monitor.attach(engine)
+        engine.run(range(50), max_epochs=1)
+        return monitor.warnings
+
+    assert run({"loss": 1.0, "spread": 0.8, "prediction_entropy": 0.6}) == []
+    assert "embeddings collapsed (spread 0.010" in run({"loss": 1.0, "spread": 0.01})[0]
+    warnings = run({"loss": 4.159, "spread": 0.6, "prediction_entropy": 0.999})
+    assert len(warnings) == 1 and "uniform over the prototypes" in warnings[0]
+    assert "WARNING: predictions are uniform" in capsys.readouterr().out
 
 
 def test_a_run_folder_of_other_settings_is_not_resumed(tmp_path):

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medp2x.methods import METHODS, build_method, recipe_for
-from medp2x.methods.base import mlp
+from medp2x.methods.base import embedding_spread, mlp
 from medp2x.methods.byol import regression_loss, target_momentum
 from medp2x.methods.moco import info_nce
 from medp2x.methods.simclr import nt_xent
-from medp2x.methods.swav import sinkhorn, swapped_prediction_loss
+from medp2x.methods.swav import prediction_entropy, sinkhorn, swapped_prediction_loss
 from medp2x.networks import build_encoder
 
 
@@ -366,6 +366,34 @@ def test_moco_one_process_simulates_shuffled_bn_groups():
 
 def test_methods_tuple():
     assert METHODS == ("simclr", "swav", "byol", "moco")
+
+
+def test_embedding_spread_is_one_for_spread_out_and_zero_for_collapsed_embeddings():
+    g = torch.Generator().manual_seed(0)
+    spread_out = torch.randn(4096, 64, generator=g)
+    assert float(embedding_spread(spread_out)) == pytest.approx(1.0, abs=0.02)
+    collapsed = torch.randn(1, 64, generator=g).repeat(256, 1) * torch.rand(256, 1, generator=g)
+    assert float(embedding_spread(collapsed)) < 1e-5  # one direction, any lengths
+    one_axis = torch.zeros(256, 64)
+    one_axis[:, 0] = torch.randn(256, generator=g)  # +-e0: two points on the sphere
+    assert float(embedding_spread(one_axis)) == pytest.approx(1 / 8, abs=0.01)
+
+
+def test_prediction_entropy_is_one_for_uniform_predictions():
+    assert float(prediction_entropy(torch.full((4, 16), 0.3), 0.1)) == pytest.approx(1.0)
+    peaked = torch.eye(16)[:4]  # scores 1 vs 0 at T = 0.1: p = e^10 / (e^10 + 15)
+    p = math.exp(10) / (math.exp(10) + 15)
+    expected = -(p * math.log(p) + (1 - p) * math.log((1 - p) / 15)) / math.log(16)
+    assert float(prediction_entropy(peaked, 0.1)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_reports_its_embedding_spread(name):
+    method = build_method(name, tiny_encoder(), "tiny")
+    out = method(random_views(name, batch=8))
+    assert 0.0 < float(out["spread"]) < 3.0 and not out["spread"].requires_grad
+    if name == "swav":
+        assert 0.0 < float(out["prediction_entropy"]) <= 1.0
 
 
 @pytest.mark.parametrize("name", METHODS)

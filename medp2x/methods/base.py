@@ -237,6 +237,15 @@ def encode_groups(encoder: nn.Module, views: Sequence[torch.Tensor]) -> torch.Te
     return torch.cat(outputs, dim=0)
 
 
+@torch.no_grad()
+def embedding_spread(z: torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: the per-dimension std over the batch of the L2-normalised embeddings,
+    times sqrt(dim) (lightly's ``std_of_l2_normalized``, rescaled). About 1 for embeddings
+    spread over the sphere, 0 when every image maps to the same point."""
+    z = torch.nn.functional.normalize(at_least_float32(z.detach()), dim=1)
+    return z.std(dim=0).mean() * z.shape[1] ** 0.5
+
+
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Losses run in float32 under bf16 autocast (float64 stays float64, for exact tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))

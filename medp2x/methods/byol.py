@@ -26,6 +26,7 @@ from medp2x.methods.base import (
     check_profile,
     copy_params,
     ema_update,
+    embedding_spread,
     mlp,
     validate_recipe,
 )
@@ -103,10 +104,12 @@ class BYOL(SSLMethod):
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_views(views)
-        predictions = [self.predictor(self.projector(self.encoder(v))) for v in views]
+        projections = [self.projector(self.encoder(v)) for v in views]
+        predictions = [self.predictor(z) for z in projections]
         with torch.no_grad():
             targets = [self.target_projector(self.target_encoder(v)) for v in views]
         loss = regression_loss(predictions[0], targets[1]) + regression_loss(
             predictions[1], targets[0]
         )
-        return {"loss": loss.mean(), "tau": torch.tensor(self.tau)}
+        spread = embedding_spread(torch.cat(projections))
+        return {"loss": loss.mean(), "tau": torch.tensor(self.tau), "spread": spread}

@@ -40,6 +40,7 @@ from medp2x.methods.base import (
     check_profile,
     copy_params,
     ema_update,
+    embedding_spread,
     mlp,
     validate_recipe,
 )
@@ -129,7 +130,7 @@ class MoCo(SSLMethod):
         self.check_views(views)
         q = self.projector(self._split_forward(self.encoder, views[0]))
         k = self._keys(views[1])
-        out = info_nce(q, k, self.queue, self.recipe.temperature)
+        out = {**info_nce(q, k, self.queue, self.recipe.temperature), "spread": embedding_spread(q)}
         if self.training:
             self.enqueue(F.normalize(at_least_float32(k), dim=1))
         return out

@@ -24,6 +24,7 @@ from medp2x.methods.base import (
     ViewSpec,
     at_least_float32,
     check_profile,
+    embedding_spread,
     mlp,
     validate_recipe,
 )
@@ -110,4 +111,4 @@ class SimCLR(SSLMethod):
         self.check_views(views)
         n = views[0].shape[0]
         z = self.projector(self.encoder(torch.cat(views, dim=0)))  # one pass, shared BN stats
-        return nt_xent(z[:n], z[n:], self.recipe.temperature)
+        return {**nt_xent(z[:n], z[n:], self.recipe.temperature), "spread": embedding_spread(z)}

@@ -31,6 +31,7 @@ from medp2x.methods.base import (
     ViewSpec,
     at_least_float32,
     check_profile,
+    embedding_spread,
     encode_groups,
     mlp,
     validate_recipe,
@@ -129,6 +130,15 @@ def swapped_prediction_loss(
     return loss / len(assignments)
 
 
+@torch.no_grad()
+def prediction_entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean entropy of softmax(s / T) over ln K: 1 means uniform predictions, the state where the
+    loss sits at ln K and nothing is learnt (see docs/methods.md, SwAV)."""
+    log_p = F.log_softmax(at_least_float32(scores.detach()) / temperature, dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+    return entropy / math.log(scores.shape[1])
+
+
 class SwAV(SSLMethod):
     name = "swav"
     multi_crop = True
@@ -185,7 +195,12 @@ class SwAV(SSLMethod):
                 q = sinkhorn(block, r.epsilon, r.sinkhorn_iterations)[-bs:]
             assignments.append(q)
         loss = swapped_prediction_loss(scores, assignments, n_views, r.temperature)
-        return {"loss": loss, "queue_used": torch.tensor(float(queue_used))}
+        return {
+            "loss": loss,
+            "queue_used": torch.tensor(float(queue_used)),
+            "spread": embedding_spread(embedding),
+            "prediction_entropy": prediction_entropy(scores, r.temperature),
+        }
 
     def _active_queue(self, batch_size: int, embedding: torch.Tensor) -> torch.Tensor | None:
         r = self.recipe
