@@ -27,11 +27,12 @@ import torch
 from torch.utils.data import Subset
 
 from medp2x.data.folder import ImageFolderDataset
-from medp2x.engine import PretrainConfig, pretrain
+from medp2x.engine import PretrainConfig, RunSummary, pretrain
 from medp2x.evaluate import (
     compare_encoders,
     convergence_figure,
     dataset_labels,
+    list_checkpoints,
     resolve_encoder,
     stratified_split,
 )
@@ -111,7 +112,7 @@ def method_options(method: str, pairs: list[str]) -> dict:
     return options
 
 
-def pretrain_method(method: str, bank, out: Path, args: argparse.Namespace) -> Path:
+def pretrain_method(method: str, bank, out: Path, args: argparse.Namespace) -> RunSummary:
     """A fresh run (a previous one is deleted: its time is what this benchmark reports)."""
     epochs = max(1, -(-args.iterations * args.batch_size // len(bank)))
     run_dir = out / "runs" / method
@@ -138,7 +139,17 @@ def pretrain_method(method: str, bank, out: Path, args: argparse.Namespace) -> P
         )
     )
     print(f"{method}: loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}")
-    return summary.encoder_path
+    return summary
+
+
+def curve_checkpoints(run_dir: Path, every: int) -> list[Path]:
+    """The run's checkpoints on the curve's grid (the engine also saves one per epoch)."""
+    files = list_checkpoints(run_dir)
+    return [p for p in files if int(p.stem.rsplit("_", 1)[-1]) % every == 0]
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
 
 
 def settings_note(args: argparse.Namespace) -> str:
@@ -152,8 +163,12 @@ def settings_note(args: argparse.Namespace) -> str:
     return "".join(f", {n}" for n in notes)
 
 
-def report(rows: list[dict], seconds: dict, n_queries: int, args) -> tuple[str, list[dict]]:
-    """Markdown table and CSV rows; the verdict compares with the best random-init seed."""
+def report(
+    rows: list[dict], seconds: dict, n_queries: int, args, spreads: dict | None = None
+) -> tuple[str, list[dict]]:
+    """Markdown table and CSV rows; the verdict compares with the best random-init seed.
+    ``spreads``: each method's embedding spread at the end of pretraining (collapse monitor)."""
+    spreads = spreads or {}
     accuracy = {r["encoder"]: r["accuracy"] for r in rows}
     randoms = [a for name, a in accuracy.items() if name.startswith("random init")]
     best_random, mean_random = max(randoms), float(np.mean(randoms))
@@ -164,8 +179,9 @@ def report(rows: list[dict], seconds: dict, n_queries: int, args) -> tuple[str, 
         f"{args.image_size} px; pretraining: tiny recipe, resnet18, {args.iterations} "
         f"iterations of batch {args.batch_size}{settings_note(args)}",
         "",
-        "| encoder | kNN accuracy | ± s.e. | vs mean random init | pretraining time (s) | verdict |",
-        "|---|---|---|---|---|---|",
+        "| encoder | kNN accuracy | ± s.e. | vs mean random init | pretraining time (s) "
+        "| embedding spread | verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
     table = []
     for name, acc in accuracy.items():
@@ -178,7 +194,7 @@ def report(rows: list[dict], seconds: dict, n_queries: int, args) -> tuple[str, 
         se = standard_error(acc, n_queries)
         lines.append(
             f"| {name} | {100 * acc:.1f}% | {100 * se:.1f} | {acc / mean_random:.2f}x "
-            f"| {seconds.get(name, 0):.0f} | {verdict} |"
+            f"| {seconds.get(name, 0):.0f} | {_fmt(spreads.get(name))} | {verdict} |"
         )
         table.append(
             {
@@ -187,6 +203,7 @@ def report(rows: list[dict], seconds: dict, n_queries: int, args) -> tuple[str, 
                 "standard_error": se,
                 "ratio_vs_mean_random": acc / mean_random,
                 "seconds": seconds.get(name, 0.0),
+                "embedding_spread": spreads.get(name),
                 "verdict": verdict,
             }
         )
@@ -226,16 +243,18 @@ def main() -> None:
         f"random init (seed {s})": resolve_encoder("random", "resnet18", seed=args.seed + s)
         for s in range(args.random_seeds)
     }
-    seconds = {}
+    seconds, spreads = {}, {}
     for method in args.methods:
         started = time.time()
-        encoders[method] = resolve_encoder(pretrain_method(method, bank, out, args))
+        summary = pretrain_method(method, bank, out, args)
         seconds[method] = time.time() - started
+        encoders[method] = resolve_encoder(summary.encoder_path)
+        spreads[method] = summary.spread
 
     rows = compare_encoders(
         encoders, bank, queries, protocol="knn", image_size=args.image_size, seed=args.seed
     )
-    text, table = report(rows, seconds, len(queries), args)
+    text, table = report(rows, seconds, len(queries), args, spreads)
     print(text)
     (out / "methods_knn.md").write_text(text + "\n")
     with open(out / "methods_knn.csv", "w", newline="") as f:
@@ -245,7 +264,7 @@ def main() -> None:
     title = f"{args.iterations} iterations, batch {args.batch_size}, {args.image_size} px"
     plot(table, out / "methods_knn.png", f"kNN on held-out Tiny-ImageNet images: {title}")
     if args.curve_every:
-        runs = {method: out / "runs" / method for method in args.methods}
+        runs = {m: curve_checkpoints(out / "runs" / m, args.curve_every) for m in args.methods}
         kwargs = dict(protocol="knn", x="iteration", image_size=args.image_size, seed=args.seed)
         convergence_figure(runs, bank, queries, out / "methods_knn_curve.png", **kwargs)
 

@@ -51,7 +51,7 @@ def test_a_method_must_beat_the_best_random_init():
     args = argparse.Namespace(
         classes=200, bank=8000, image_size=64, iterations=10, batch_size=64, amp=True, lr=0.03
     )
-    text, table = methods_knn.report(rows, {"byol": 12.0}, 2000, args)
+    text, table = methods_knn.report(rows, {"byol": 12.0}, 2000, args, {"byol": 0.71})
     verdicts = {row["encoder"]: row["verdict"] for row in table}
     assert verdicts == {
         "random init (seed 0)": "reference",
@@ -63,5 +63,5 @@ def test_a_method_must_beat_the_best_random_init():
     byol = next(row for row in table if row["encoder"] == "byol")
     assert byol["ratio_vs_mean_random"] == pytest.approx(0.040 / 0.033)
     assert byol["standard_error"] == pytest.approx((0.04 * 0.96 / 2000) ** 0.5)
-    assert "| byol | 4.0% | 0.4 | 1.21x | 12 | beats random |" in text
+    assert "| byol | 4.0% | 0.4 | 1.21x | 12 | 0.71 | beats random |" in text
     assert "batch 64, bf16, peak lr 0.03" in text
