@@ -135,9 +135,12 @@ class MoCo(SSLMethod):
             self.enqueue(F.normalize(at_least_float32(k), dim=1))
         return out
 
+    def _shuffling_bn(self) -> bool:
+        return self.recipe.shuffle_bn and self.training
+
     def _simulated_splits(self, batch: int) -> int:
         """BN groups for one process in training (1: no splitting), at least 2 images each."""
-        if not (self.recipe.shuffle_bn and self.training and world_size() == 1):
+        if not self._shuffling_bn() or world_size() > 1:
             return 1
         return max(1, min(self.recipe.bn_splits, batch // 2))
 
@@ -153,10 +156,12 @@ class MoCo(SSLMethod):
 
     @torch.no_grad()
     def _keys(self, images: torch.Tensor) -> torch.Tensor:
-        if self._simulated_splits(images.shape[0]) > 1:  # _batch_shuffle_single_gpu
-            order = torch.randperm(images.shape[0], device=images.device)
+        if world_size() == 1 and self._simulated_splits(images.shape[0]) > 1:
+            order = torch.randperm(
+                images.shape[0], device=images.device
+            )  # _batch_shuffle_single_gpu
             return self._key_forward(images[order])[torch.argsort(order)]
-        if not (self.recipe.shuffle_bn and self.training and world_size() > 1):
+        if world_size() == 1 or not self._shuffling_bn():
             return self._key_forward(images)
         everything = gather_no_grad(images)
         order = broadcast(torch.randperm(everything.shape[0], device=images.device), src=0)
