@@ -29,14 +29,17 @@ from torch.utils.data import Subset
 from medp2x.data.folder import ImageFolderDataset
 from medp2x.engine import PretrainConfig, RunSummary, pretrain
 from medp2x.evaluate import (
+    EvalSettings,
     compare_encoders,
     convergence_figure,
     dataset_labels,
+    extract_features,
     list_checkpoints,
     resolve_encoder,
     stratified_split,
 )
 from medp2x.methods import METHODS
+from medp2x.monitor import rankme
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,8 +151,18 @@ def curve_checkpoints(run_dir: Path, every: int) -> list[Path]:
     return [p for p in files if int(p.stem.rsplit("_", 1)[-1]) % every == 0]
 
 
-def _fmt(value: float | None) -> str:
-    return "" if value is None else f"{value:.2f}"
+def feature_ranks(encoders: dict, images, image_size: int) -> dict[str, float]:
+    """RankMe of each encoder's backbone features on the held-out images: the label-free
+    measure of dimensional collapse that the projector's spread does not see."""
+    settings = EvalSettings(image_size=image_size, progress=False)
+    return {
+        name: rankme(extract_features(encoder, images, settings)[0])
+        for name, encoder in encoders.items()
+    }
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
 
 
 def settings_note(args: argparse.Namespace) -> str:
@@ -164,11 +177,17 @@ def settings_note(args: argparse.Namespace) -> str:
 
 
 def report(
-    rows: list[dict], seconds: dict, n_queries: int, args, spreads: dict | None = None
+    rows: list[dict],
+    seconds: dict,
+    n_queries: int,
+    args,
+    spreads: dict | None = None,
+    ranks: dict | None = None,
 ) -> tuple[str, list[dict]]:
     """Markdown table and CSV rows; the verdict compares with the best random-init seed.
-    ``spreads``: each method's embedding spread at the end of pretraining (collapse monitor)."""
-    spreads = spreads or {}
+    ``spreads``: each method's projector spread at the end of pretraining (collapse monitor);
+    ``ranks``: every encoder's backbone-feature RankMe on the queries."""
+    spreads, ranks = spreads or {}, ranks or {}
     accuracy = {r["encoder"]: r["accuracy"] for r in rows}
     randoms = [a for name, a in accuracy.items() if name.startswith("random init")]
     best_random, mean_random = max(randoms), float(np.mean(randoms))
@@ -180,8 +199,8 @@ def report(
         f"iterations of batch {args.batch_size}{settings_note(args)}",
         "",
         "| encoder | kNN accuracy | ± s.e. | vs mean random init | pretraining time (s) "
-        "| embedding spread | verdict |",
-        "|---|---|---|---|---|---|---|",
+        "| projector spread | feature rank (RankMe) | verdict |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     table = []
     for name, acc in accuracy.items():
@@ -194,7 +213,8 @@ def report(
         se = standard_error(acc, n_queries)
         lines.append(
             f"| {name} | {100 * acc:.1f}% | {100 * se:.1f} | {acc / mean_random:.2f}x "
-            f"| {seconds.get(name, 0):.0f} | {_fmt(spreads.get(name))} | {verdict} |"
+            f"| {seconds.get(name, 0):.0f} | {_fmt(spreads.get(name))} "
+            f"| {_fmt(ranks.get(name), 1)} | {verdict} |"
         )
         table.append(
             {
@@ -204,6 +224,7 @@ def report(
                 "ratio_vs_mean_random": acc / mean_random,
                 "seconds": seconds.get(name, 0.0),
                 "embedding_spread": spreads.get(name),
+                "feature_rank": ranks.get(name),
                 "verdict": verdict,
             }
         )
@@ -254,7 +275,8 @@ def main() -> None:
     rows = compare_encoders(
         encoders, bank, queries, protocol="knn", image_size=args.image_size, seed=args.seed
     )
-    text, table = report(rows, seconds, len(queries), args, spreads)
+    ranks = feature_ranks(encoders, queries, args.image_size)
+    text, table = report(rows, seconds, len(queries), args, spreads, ranks)
     print(text)
     (out / "methods_knn.md").write_text(text + "\n")
     with open(out / "methods_knn.csv", "w", newline="") as f:

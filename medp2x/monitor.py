@@ -13,6 +13,7 @@ import logging
 import math
 from collections import deque
 
+import torch
 from ignite.engine import Engine, Events
 
 logger = logging.getLogger("medp2x.monitor")
@@ -63,3 +64,18 @@ class CollapseMonitor:
             logger.warning(warning)
             print(f"WARNING: {warning}")
         return self.warnings
+
+
+@torch.no_grad()
+def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
+    """Effective rank of a feature matrix (RankMe, Garrido et al. 2023): exp of the entropy of
+    its L1-normalised singular values; between 1 and min(N, d).
+
+    The projector's ``spread`` misses *dimensional* collapse: BYOL and SwAV runs too short for
+    their method can keep well-spread projections while the backbone features they hand on use
+    a few directions (effective rank ~4 of 512), and a kNN on those features falls below
+    random init. RankMe needs no labels and tracks downstream accuracy (use N >> d rows).
+    """
+    sigma = torch.linalg.svdvals(features.detach().double().flatten(1))
+    p = sigma / sigma.sum() + eps
+    return float(torch.exp(-(p * p.log()).sum()))

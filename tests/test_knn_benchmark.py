@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +53,8 @@ def test_a_method_must_beat_the_best_random_init():
     args = argparse.Namespace(
         classes=200, bank=8000, image_size=64, iterations=10, batch_size=64, amp=True, lr=0.03
     )
-    text, table = methods_knn.report(rows, {"byol": 12.0}, 2000, args, {"byol": 0.71})
+    ranks = {"byol": 3.84, "moco": 19.2}
+    text, table = methods_knn.report(rows, {"byol": 12.0}, 2000, args, {"byol": 0.71}, ranks)
     verdicts = {row["encoder"]: row["verdict"] for row in table}
     assert verdicts == {
         "random init (seed 0)": "reference",
@@ -63,5 +66,38 @@ def test_a_method_must_beat_the_best_random_init():
     byol = next(row for row in table if row["encoder"] == "byol")
     assert byol["ratio_vs_mean_random"] == pytest.approx(0.040 / 0.033)
     assert byol["standard_error"] == pytest.approx((0.04 * 0.96 / 2000) ** 0.5)
-    assert "| byol | 4.0% | 0.4 | 1.21x | 12 | 0.71 | beats random |" in text
+    assert "| byol | 4.0% | 0.4 | 1.21x | 12 | 0.71 | 3.8 | beats random |" in text
+    assert byol["feature_rank"] == 3.84
     assert "batch 64, bf16, peak lr 0.03" in text
+
+
+class Images(Dataset):
+    def __init__(self, n: int = 96):
+        self.images = torch.rand(n, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": i % 4}
+
+
+def test_feature_ranks_tell_a_dimensionally_collapsed_encoder_from_a_rich_one():
+    torch.manual_seed(0)
+    rich = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32))
+    direction = torch.randn(1, 32)
+    collapsed = nn.Sequential(rich, nn.Linear(32, 1), Scale(direction))
+    ranks = methods_knn.feature_ranks({"rich": rich, "one": collapsed}, Images(), 16)
+    assert ranks["one"] == pytest.approx(1.0, rel=1e-4)
+    assert ranks["rich"] > 20  # 96 random images through a random linear map of width 32
+
+
+class Scale(nn.Module):
+    """Every image maps to a multiple of one direction."""
+
+    def __init__(self, direction: torch.Tensor):
+        super().__init__()
+        self.direction = direction
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.direction

@@ -17,6 +17,7 @@ from medp2x.methods.byol import regression_loss, target_momentum
 from medp2x.methods.moco import info_nce
 from medp2x.methods.simclr import nt_xent
 from medp2x.methods.swav import prediction_entropy, sinkhorn, swapped_prediction_loss
+from medp2x.monitor import rankme
 from medp2x.networks import build_encoder
 
 
@@ -361,6 +362,25 @@ def test_moco_one_process_simulates_shuffled_bn_groups():
     torch.testing.assert_close(method.queue[:8], F.normalize(k, dim=1))
 
 
+def test_moco_symmetric_sums_both_directions_and_enqueues_both_key_sets():
+    """The authors' CIFAR demo: loss_12 + loss_21 against the same queue, then cat([k1, k2])
+    enters the queue."""
+    torch.manual_seed(0)
+    method = build_method("moco", tiny_encoder(), "tiny", queue_length=16, bn_splits=1)
+    method = build_method("moco", method.encoder, recipe=method.recipe, symmetric=True)
+    v1, v2 = random_views("moco", batch=4)
+    queue = method.queue.clone()
+    with torch.no_grad():
+        q1, q2 = (method.projector(method.encoder(v)) for v in (v1, v2))
+        k1, k2 = (method.key_projector(method.key_encoder(v)) for v in (v1, v2))
+        out = method([v1, v2])
+    t = method.recipe.temperature
+    expected = info_nce(q1, k2, queue, t)["loss"] + info_nce(q2, k1, queue, t)["loss"]
+    torch.testing.assert_close(out["loss"], expected)
+    torch.testing.assert_close(method.queue[:8], F.normalize(torch.cat([k1, k2]), dim=1))
+    assert int(method.queue_ptr) == 8 and torch.equal(method.queue[8:], queue[8:])
+
+
 # --------------------------------------------------------------------------- every method
 
 
@@ -377,6 +397,21 @@ def test_embedding_spread_is_one_for_spread_out_and_zero_for_collapsed_embedding
     one_axis = torch.zeros(256, 64)
     one_axis[:, 0] = torch.randn(256, generator=g)  # +-e0: two points on the sphere
     assert float(embedding_spread(one_axis)) == pytest.approx(1 / 8, abs=0.01)
+
+
+def test_rankme_counts_the_directions_features_use():
+    """k orthogonal directions of equal energy have effective rank k; unequal energies less
+    (closed form from the singular values); one direction, whatever the lengths, 1."""
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(64, 64, generator=g, dtype=torch.float64))
+    coefficients = torch.zeros(300, 64, dtype=torch.float64)
+    coefficients[:100, 0] = coefficients[100:200, 1] = coefficients[200:, 2] = 1.0
+    assert rankme(coefficients @ basis.T) == pytest.approx(3.0, rel=1e-4)
+    coefficients[:100, 0] = 2.0  # singular values 20, 10, 10: p = 1/2, 1/4, 1/4
+    expected = math.exp(-(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25)))
+    assert rankme(coefficients @ basis.T) == pytest.approx(expected, rel=1e-4)
+    one_direction = torch.rand(50, 1, generator=g) * torch.randn(1, 64, generator=g)
+    assert rankme(one_direction) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_prediction_entropy_is_one_for_uniform_predictions():

@@ -2,7 +2,8 @@
 
 Follows facebookresearch/moco ``builder.py`` with ``--mlp --moco-t 0.2``: query and key
 networks are the encoder plus ``Linear -> ReLU -> Linear`` (hidden width = encoder width, no
-BN); queries see view 0, keys view 1 (not symmetrised, as in v2); logits are
+BN); queries see view 0, keys view 1 (not symmetrised, as in v2; ``symmetric=True`` adds the
+swapped pair as the authors' CIFAR demo does); logits are
 ``[q.k+, q.queue] / T`` with the positive at index 0; the keys of the *global* batch (gathered
 without gradient) replace the oldest queue entries. The key network is an EMA of the query
 network with constant momentum ``m``. The original updates it at the start of ``forward``;
@@ -55,6 +56,10 @@ class MoCoRecipe(Recipe):
     proj_out_dim: int = 128
     shuffle_bn: bool = True
     bn_splits: int = 8  # BN groups simulated by one process (the original's 8 GPUs)
+    # Also contrast view 1's queries with view 0's keys and sum both losses (the authors'
+    # CIFAR demo, ``--symmetric``): twice the signal per image pair for 1.5x the compute,
+    # and both key sets enter the queue.
+    symmetric: bool = False
 
 
 def recipe(profile: str) -> MoCoRecipe:
@@ -128,12 +133,21 @@ class MoCo(SSLMethod):
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_views(views)
-        q = self.projector(self._split_forward(self.encoder, views[0]))
-        k = self._keys(views[1])
-        out = {**info_nce(q, k, self.queue, self.recipe.temperature), "spread": embedding_spread(q)}
+        pairs = [(0, 1), (1, 0)] if self.recipe.symmetric else [(0, 1)]
+        terms, queries, keys = [], [], []
+        for query_view, key_view in pairs:  # both pairs score against the same queue
+            q = self.projector(self._split_forward(self.encoder, views[query_view]))
+            k = self._keys(views[key_view])
+            terms.append(info_nce(q, k, self.queue, self.recipe.temperature))
+            queries.append(q)
+            keys.insert(0, k)  # the demo enqueues cat([k1, k2]): view 0's keys first
         if self.training:
-            self.enqueue(F.normalize(at_least_float32(k), dim=1))
-        return out
+            self.enqueue(F.normalize(at_least_float32(torch.cat(keys)), dim=1))
+        return {
+            "loss": sum(t["loss"] for t in terms),
+            "top1": torch.stack([t["top1"] for t in terms]).mean(),
+            "spread": embedding_spread(torch.cat(queries)),
+        }
 
     def _shuffling_bn(self) -> bool:
         return self.recipe.shuffle_bn and self.training
