@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Subset
 
+from medp2x.batchnorm import BN_STATS, recompute_bn_stats
 from medp2x.data.folder import ImageFolderDataset
 from medp2x.engine import PretrainConfig, RunSummary, pretrain
 from medp2x.evaluate import (
@@ -37,6 +38,7 @@ from medp2x.evaluate import (
     list_checkpoints,
     resolve_encoder,
     stratified_split,
+    training_images,
 )
 from medp2x.methods import METHODS
 from medp2x.monitor import rankme
@@ -93,6 +95,14 @@ def parse_args() -> argparse.Namespace:
         metavar="N",
         help="also keep a checkpoint every N iterations and plot kNN accuracy against "
         "iterations (methods_knn_curve.{png,csv}); 0: final encoders only",
+    )
+    parser.add_argument(
+        "--bn-stats",
+        nargs="+",
+        choices=BN_STATS,
+        default=list(BN_STATS),
+        help="evaluate with each encoder's BN statistics as saved, and/or re-averaged over the "
+        "bank images (PreciseBN; labels unused); one table and figure per choice",
     )
     parser.add_argument(
         "--method-option",
@@ -161,6 +171,21 @@ def feature_ranks(encoders: dict, images, image_size: int) -> dict[str, float]:
     }
 
 
+def with_recomputed_bn(encoders: dict, images, image_size: int) -> dict:
+    """Every encoder with its BN statistics re-averaged over ``images`` (random inits too)."""
+    settings = EvalSettings(image_size=image_size, progress=False)
+    return {
+        name: recompute_bn_stats(encoder, training_images(images, settings, None))
+        for name, encoder in encoders.items()
+    }
+
+
+BN_NOTES = {
+    "saved": "BN statistics as saved",
+    "recomputed": "BN statistics re-averaged over the bank images (PreciseBN)",
+}
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
@@ -196,7 +221,8 @@ def report(
         f"kNN (k=20, cosine, T=0.07) over {args.classes} Tiny-ImageNet classes: "
         f"{args.bank} bank images (the pretraining set) / {n_queries} held-out queries, "
         f"{args.image_size} px; pretraining: tiny recipe, resnet18, {args.iterations} "
-        f"iterations of batch {args.batch_size}{settings_note(args)}",
+        f"iterations of batch {args.batch_size}{settings_note(args)}; "
+        f"{BN_NOTES[getattr(args, 'bn_note', 'saved')]}",
         "",
         "| encoder | kNN accuracy | ± s.e. | vs mean random init | pretraining time (s) "
         "| projector spread | feature rank (RankMe) | verdict |",
@@ -272,19 +298,25 @@ def main() -> None:
         encoders[method] = resolve_encoder(summary.encoder_path)
         spreads[method] = summary.spread
 
-    rows = compare_encoders(
-        encoders, bank, queries, protocol="knn", image_size=args.image_size, seed=args.seed
-    )
-    ranks = feature_ranks(encoders, queries, args.image_size)
-    text, table = report(rows, seconds, len(queries), args, spreads, ranks)
-    print(text)
-    (out / "methods_knn.md").write_text(text + "\n")
-    with open(out / "methods_knn.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(table[0]))
-        writer.writeheader()
-        writer.writerows(table)
-    title = f"{args.iterations} iterations, batch {args.batch_size}, {args.image_size} px"
-    plot(table, out / "methods_knn.png", f"kNN on held-out Tiny-ImageNet images: {title}")
+    for bn_stats in args.bn_stats:
+        evaluated = encoders
+        if bn_stats == "recomputed":
+            evaluated = with_recomputed_bn(encoders, bank, args.image_size)
+        rows = compare_encoders(
+            evaluated, bank, queries, protocol="knn", image_size=args.image_size, seed=args.seed
+        )
+        ranks = feature_ranks(evaluated, queries, args.image_size)
+        args.bn_note = bn_stats
+        text, table = report(rows, seconds, len(queries), args, spreads, ranks)
+        print(text)
+        stem = "methods_knn" if bn_stats == "saved" else "methods_knn_bn_recomputed"
+        (out / f"{stem}.md").write_text(text + "\n")
+        with open(out / f"{stem}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(table[0]))
+            writer.writeheader()
+            writer.writerows(table)
+        title = f"{args.iterations} it, batch {args.batch_size}, {args.image_size} px"
+        plot(table, out / f"{stem}.png", f"kNN, held-out Tiny-ImageNet, {title}, {bn_stats} BN")
     if args.curve_every:
         runs = {m: curve_checkpoints(out / "runs" / m, args.curve_every) for m in args.methods}
         kwargs = dict(protocol="knn", x="iteration", image_size=args.image_size, seed=args.seed)

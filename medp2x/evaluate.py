@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from medp2x.batchnorm import BN_STATS, recompute_bn_stats
 from medp2x.metrics import METRICS, classification_metrics
 from medp2x.networks import (
     IMAGENET_MEAN,
@@ -70,6 +71,7 @@ class EvalSettings:
     augment: bool = True
     num_workers: int = 0
     progress: bool = True
+    bn_stats: str = "saved"  # "recomputed": frozen protocols first re-average BN (batchnorm.py)
 
 
 @dataclass
@@ -571,6 +573,7 @@ def compare_encoders(
     select_metric: str = "accuracy",
     augment: bool = True,
     num_workers: int = 0,
+    bn_stats: str = "saved",
 ) -> list[dict]:
     """Evaluate every encoder with every protocol on the same splits and label draws.
 
@@ -587,6 +590,8 @@ def compare_encoders(
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {', '.join(PROTOCOLS)}")
     if select_metric not in METRICS:
         raise ValueError(f"select_metric must be one of {', '.join(METRICS)}")
+    if bn_stats not in BN_STATS:
+        raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
     settings = EvalSettings(
         epochs=epochs,
         batch_size=batch_size,
@@ -601,6 +606,7 @@ def compare_encoders(
         augment=augment,
         num_workers=num_workers,
         progress=progress,
+        bn_stats=bn_stats,
     )
     splits = prepare_splits(train, test, val, val_fraction, seed, progress)
     subsets = low_label_draws(splits.train_labels, label_fraction, draws, seed, disjoint)
@@ -627,7 +633,11 @@ def _evaluate_one(
     by the linear and kNN protocols and by every draw."""
     feats = None
     if {"linear", "knn"} & set(protocols):
-        feats = _frozen_features(name, encoder, splits, subsets, settings)
+        frozen = encoder
+        if settings.bn_stats == "recomputed":
+            images = training_images(splits.train, settings, input_channels(encoder))
+            frozen = recompute_bn_stats(encoder.to(settings.device), images)
+        feats = _frozen_features(name, frozen, splits, subsets, settings)
     rows = []
     for protocol in protocols:
         for draw, idx in enumerate(subsets):
@@ -653,6 +663,12 @@ def _evaluate_one(
             )
             logger.info("%s %s draw %d: accuracy %.4f", name, protocol, draw, metrics["accuracy"])
     return rows
+
+
+def training_images(dataset: Dataset, settings: EvalSettings, channels: int | None):
+    """The images of ``dataset`` in evaluation batches, labels dropped (BN re-averaging)."""
+    for images, _ in make_loader(dataset, settings):
+        yield match_channels(images.to(settings.device), channels)
 
 
 def _frozen_features(

@@ -97,6 +97,13 @@ def register(subparsers) -> None:
     proto.add_argument("--knn-k", type=int, default=20)
     proto.add_argument("--knn-temperature", type=float, default=0.07)
     proto.add_argument(
+        "--bn-stats",
+        choices=("saved", "recomputed"),
+        default="saved",
+        help="linear/kNN: use the encoder's BN statistics as saved, or re-average them over "
+        "the training images first (PreciseBN / AdaBN; labels unused)",
+    )
+    proto.add_argument(
         "--select-metric",
         choices=METRICS,
         default="accuracy",
@@ -147,6 +154,7 @@ def main(args: argparse.Namespace) -> int:
         knn_temperature=args.knn_temperature,
         select_metric=args.select_metric,
         num_workers=args.num_workers,
+        bn_stats=args.bn_stats,
     )
     out = Path(args.out)
     if args.encoder:
