@@ -29,7 +29,14 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from medp2x import __version__
 from medp2x.monitor import CollapseMonitor
-from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, Normalize, build_encoder, match_channels
+from medp2x.networks import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalize,
+    build_encoder,
+    match_channels,
+    strided_convs_on_one_pixel,
+)
 
 logger = logging.getLogger("medp2x.engine")
 
@@ -46,6 +53,10 @@ class PretrainConfig:
     profile: str = "tiny"
     arch: str | None = None
     image_size: int | None = None
+    # Side the images are resized to before the views crop from them (None: the large crop
+    # size). Larger than image_size keeps the detail that a crop enlarges, as a
+    # RandomResizedCrop of the original image does: small-resolution pretraining (S3L).
+    source_size: int | None = None
     batch_size: int | None = None
     epochs: int | None = None
     lr: float | None = None
@@ -187,6 +198,30 @@ def first_conv_channels(encoder: torch.nn.Module) -> int:
     return next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
 
 
+def check_bf16_view_sizes(encoder: torch.nn.Module, views: Any, channels: int) -> None:
+    """bf16 autocast on CPU gets the weight gradients of strided convolutions on 1 x 1 maps
+    wrong (``networks.strided_convs_on_one_pixel``): refuse crops that produce them."""
+    smallest = min(views.sizes())
+    bad = strided_convs_on_one_pixel(encoder, smallest, channels)
+    if bad:
+        raise ValueError(
+            f"amp (bf16 autocast) on CPU computes wrong weight gradients for strided "
+            f"convolutions of 1 x 1 feature maps, and {smallest} px crops give those in "
+            f"{', '.join(bad)}: use larger crops (views.small_size / image_size) or amp=False"
+        )
+
+
+def check_finite(loss: torch.Tensor, engine: Engine, method: str, ckpt_dir: Path) -> None:
+    """Stop a diverged run before the step that would write NaN into the weights (and into the
+    next checkpoint): the checkpoints already on disk stay the last good state."""
+    if not torch.isfinite(loss.detach()):
+        raise FloatingPointError(
+            f"{method} loss is {float(loss.detach())} at iteration {engine.state.iteration} (epoch "
+            f"{engine.state.epoch}): the run diverged; lower lr or add warm-up "
+            f"(warmup_epochs). Checkpoints before this step are in {ckpt_dir}."
+        )
+
+
 def check_resumable(path: Path, stored: dict | None, current: dict) -> None:
     """Refuse to resume a checkpoint of a run with other settings: its schedule, data order and
     heads would silently continue under the new ones (e.g. a stale folder reused)."""
@@ -224,6 +259,8 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     method = build_method(cfg.method, encoder, recipe=recipe, **cfg.method_options)
     recipe = method.recipe
     device = idist.device()
+    if cfg.amp and device.type == "cpu":
+        check_bf16_view_sizes(encoder, recipe.views, channels)
     model = idist.auto_model(method, sync_bn=True)  # SyncBN across GPUs, as the originals
     normalize = normalize.to(device)
     augment = build_views(
@@ -247,7 +284,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.num_workers,
-        collate_fn=collate_images(recipe.views.large_size, channels),
+        collate_fn=collate_images(cfg.source_size or recipe.views.large_size, channels),
         persistent_workers=cfg.num_workers > 0,
     )
     if len(loader) == 0:
@@ -267,6 +304,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
             views = [normalize(v) for v in augment(images)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
             outputs = model(views)
+        check_finite(outputs["loss"], engine, cfg.method, ckpt_dir)
         optimizer.zero_grad(set_to_none=True)
         outputs["loss"].backward()
         method.on_before_optimizer_step(engine.state.epoch - 1, engine.state.iteration - 1)
@@ -311,6 +349,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         "method": cfg.method,
         "arch": arch,
         "image_size": recipe.views.large_size,
+        "source_size": cfg.source_size or recipe.views.large_size,
         "global_batch_size": batch_size * idist.get_world_size(),
         "epochs": epochs,
         "iterations_per_epoch": len(loader),

@@ -182,3 +182,39 @@ def test_normalization_override_and_bf16_are_recorded(tmp_path):
     assert read_checkpoint(imagenet.encoder_path)[1].normalization["mean"] == pytest.approx(
         [0.485, 0.456, 0.406]
     )
+
+
+def test_views_crop_from_the_source_size_not_the_crop_size(tmp_path, monkeypatch):
+    """source_size: small-resolution pretraining crops the full-resolution images (a crop of a
+    quarter of the image keeps its detail instead of being upscaled from a shrunk copy)."""
+    import medp2x.views as views
+
+    seen = []
+    original = views.BatchAugment.__call__
+
+    def record(self, images, generator=None):
+        seen.append(tuple(images.shape[-2:]))
+        return original(self, images, generator)
+
+    monkeypatch.setattr(views.BatchAugment, "__call__", record)
+    pretrain(tiny_config(tmp_path, "src", image_size=16, source_size=32, max_iterations=1))
+    pretrain(tiny_config(tmp_path, "crop", image_size=16, max_iterations=1))
+    assert seen == [(32, 32), (16, 16)]
+    with pytest.raises(ValueError, match=r"source_size 32 there, 16 now"):
+        pretrain(tiny_config(tmp_path, "src", image_size=16, max_iterations=2))
+
+
+class NaNBlobs(Blobs):
+    def __getitem__(self, i: int) -> dict:
+        sample = super().__getitem__(i)
+        return {**sample, "image": torch.full_like(sample["image"], float("nan"))}
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
+    pretrain(tiny_config(tmp_path, "run", max_iterations=3))
+    with pytest.raises(FloatingPointError, match=r"simclr loss is nan at iteration 4"):
+        pretrain(tiny_config(tmp_path, "run", dataset=NaNBlobs()))
+    last = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert last.name == "checkpoint_3.pt"
+    state = read_checkpoint(last, in_channels=None)[0]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
