@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from medp2x.baselines import BASELINES, build_baseline
 from medp2x.batchnorm import BN_STATS, recompute_bn_stats
 from medp2x.metrics import METRICS, classification_metrics
 from medp2x.networks import (
@@ -272,7 +273,8 @@ def resolve_encoder(
     seed: int = 0,
 ) -> nn.Module:
     """An encoder taking [0, 1] images: a module as given, ``"random"`` (``build_encoder(arch)``
-    with ImageNet mean/std, seeded), or a checkpoint path read by ``medp2x.checkpoints``.
+    with ImageNet mean/std, seeded), a low-level reference of ``medp2x.baselines``
+    (``"colour_histogram"``, ``"tiny_image"``), or a checkpoint path read by ``medp2x.checkpoints``.
 
     ``normalization`` overrides what the file says ("imagenet" or "none"); "auto" trusts the
     file (plain state dicts carry no normalisation, so say "imagenet" for those trained so).
@@ -286,6 +288,8 @@ def resolve_encoder(
         encoder = build_encoder(arch, in_channels)
         mean, std = (None, None) if normalization == "none" else (IMAGENET_MEAN, IMAGENET_STD)
         return NormalizedEncoder(encoder, mean, std)
+    if str(spec) in BASELINES:
+        return build_baseline(str(spec))
     encoder, file_norm = load_encoder_file(spec)  # the stem as stored; gray input is matched
     if normalization == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD

@@ -47,8 +47,9 @@ def register(subparsers) -> None:
         "--encoder",
         action="append",
         default=[],
-        metavar="CKPT|random",
-        help="an encoder file or 'random' (repeatable)",
+        metavar="CKPT|random|colour_histogram|tiny_image",
+        help="an encoder file, 'random', or a low-level reference: 'colour_histogram' (64-bin "
+        "RGB histogram), 'tiny_image' (4 x 4 pixels); repeatable",
     )
     enc.add_argument("--name", action="append", default=[], help="display name per --encoder")
     enc.add_argument(
@@ -203,12 +204,16 @@ def main(args: argparse.Namespace) -> int:
 
 def _named_encoders(specs: list[str], names: list[str]) -> dict[str, str]:
     """Display names: given ones first, then the file stem (or 'random'), made unique."""
+    from medp2x.baselines import BASELINES
     from medp2x.evaluate import _encoder_name
 
     encoders: dict[str, str] = {}
     for i, spec in enumerate(specs):
-        if spec != "random" and not Path(spec).exists():
-            raise FileNotFoundError(f"encoder {spec!r} does not exist (give a file or 'random')")
+        if spec != "random" and spec not in BASELINES and not Path(spec).exists():
+            raise FileNotFoundError(
+                f"encoder {spec!r} does not exist (give a file, 'random' or one of "
+                f"{', '.join(BASELINES)})"
+            )
         base = names[i] if i < len(names) else _encoder_name(spec)
         name, n = base, 2
         while name in encoders:
