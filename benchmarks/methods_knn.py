@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import CacheDataset
 from torch.utils.data import Subset
 
+from medp2x.baselines import build_baseline
 from medp2x.batchnorm import BN_STATS, recompute_bn_stats
 from medp2x.data.folder import ImageFolderDataset
 from medp2x.engine import PretrainConfig, RunSummary, pretrain
@@ -44,6 +46,8 @@ from medp2x.methods import METHODS
 from medp2x.monitor import rankme
 
 REPO = Path(__file__).resolve().parents[1]
+# How much of a kNN score colour alone explains (medp2x/baselines.py); never a verdict's bar.
+LOW_LEVEL = {"colour histogram": "colour_histogram", "tiny image (4x4 px)": "tiny_image"}
 
 
 def held_out_splits(data: ImageFolderDataset, test_fraction: float, seed: int):
@@ -71,10 +75,28 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--iterations", type=int, default=1500)
-    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=64, help="evaluation size")
+    parser.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="pretraining crop size, cropped from the --image-size images (default: the same)",
+    )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="decode images on every read instead of once (memory: 4 x 3 x size^2 bytes each)",
+    )
     parser.add_argument("--random-seeds", type=int, default=3, help="random-init references")
+    parser.add_argument(
+        "--no-low-level",
+        dest="low_level",
+        action="store_false",
+        help="leave out the colour-histogram and 4x4-pixel references",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast")
@@ -137,7 +159,8 @@ def pretrain_method(method: str, bank, out: Path, args: argparse.Namespace) -> R
             method=method,
             profile="tiny",
             arch="resnet18",
-            image_size=args.image_size,
+            image_size=args.train_size or args.image_size,
+            source_size=args.image_size,
             batch_size=args.batch_size,
             epochs=epochs,
             max_iterations=args.iterations,
@@ -232,6 +255,8 @@ def report(
     for name, acc in accuracy.items():
         if name.startswith("random init"):
             verdict = "reference"
+        elif name in LOW_LEVEL:
+            verdict = "low-level reference"
         elif acc <= chance * 1.5:
             verdict = "collapsed"
         else:
@@ -266,7 +291,8 @@ def plot(table: list[dict], path: Path, title: str) -> None:
     ax.axhspan(min(randoms), max(randoms), color="grey", alpha=0.25, label="random-init range")
     names = [r["encoder"].replace("random init ", "random\n") for r in table]
     values = [100 * r["knn_accuracy"] for r in table]
-    colours = ["grey" if r["verdict"] == "reference" else "C0" for r in table]
+    palette = {"reference": "grey", "low-level reference": "tan"}
+    colours = [palette.get(r["verdict"], "C0") for r in table]
     ax.bar(names, values, yerr=[100 * r["standard_error"] for r in table], color=colours)
     for x, v in enumerate(values):
         ax.annotate(f"{v:.1f}", (x, v / 2), ha="center", color="white", fontweight="bold")
@@ -283,6 +309,9 @@ def main() -> None:
     data = ImageFolderDataset(args.data, image_size=args.image_size, on_error="skip")
     bank, queries = held_out_splits(data, args.test_fraction, args.seed)
     args.classes, args.bank = data.num_classes, len(bank)
+    if args.cache:  # decode every JPEG once: a fifth of a 32 px training step otherwise
+        cached = CacheDataset(data, transform=None, progress=True)
+        bank, queries = Subset(cached, bank.indices), Subset(cached, queries.indices)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -290,6 +319,8 @@ def main() -> None:
         f"random init (seed {s})": resolve_encoder("random", "resnet18", seed=args.seed + s)
         for s in range(args.random_seeds)
     }
+    if args.low_level:
+        encoders.update({name: build_baseline(spec) for name, spec in LOW_LEVEL.items()})
     seconds, spreads = {}, {}
     for method in args.methods:
         started = time.time()
