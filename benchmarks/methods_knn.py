@@ -3,7 +3,9 @@
 monitor: the pretraining images with their labels are the memory bank, and held-out images
 (``--test-fraction`` of each class, never seen in pretraining) are classified by their k
 nearest neighbours. Random-init encoders of several seeds, measured in the same run, are the
-reference; a method "beats random" only when it beats the best of them.
+reference; a method "beats random" only when it beats the best of them. A colour histogram and
+a 4x4-pixel image are measured too (``medp2x.baselines``): on Tiny-ImageNet both beat every
+random init, which says how much of a random init's score is colour alone.
 
     python benchmarks/methods_knn.py [--data ../shared/data/tiny_imagenet_val] [--iterations 200]
 
@@ -216,6 +218,8 @@ def _fmt(value: float | None, digits: int = 2) -> str:
 def settings_note(args: argparse.Namespace) -> str:
     """The non-default training settings, so a table says how it was made."""
     notes = ["bf16"] if args.amp else []
+    if getattr(args, "train_size", None) not in (None, args.image_size):
+        notes.append(f"{args.train_size} px crops of the {args.image_size} px images")
     if args.lr is not None:
         notes.append(f"peak lr {args.lr:g}")
     notes += getattr(args, "method_option", [])

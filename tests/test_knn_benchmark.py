@@ -52,7 +52,14 @@ def test_a_method_must_beat_the_best_random_init_and_low_level_rows_are_context(
         {"encoder": "moco", "accuracy": 0.006},  # chance is 1/200
     ]
     args = argparse.Namespace(
-        classes=200, bank=8000, image_size=64, iterations=10, batch_size=64, amp=True, lr=0.03
+        classes=200,
+        bank=8000,
+        image_size=64,
+        train_size=32,
+        iterations=10,
+        batch_size=64,
+        amp=True,
+        lr=0.03,
     )
     ranks = {"byol": 3.84, "moco": 19.2}
     text, table = methods_knn.report(rows, {"byol": 12.0}, 2000, args, {"byol": 0.71}, ranks)
@@ -70,7 +77,7 @@ def test_a_method_must_beat_the_best_random_init_and_low_level_rows_are_context(
     assert byol["standard_error"] == pytest.approx((0.04 * 0.96 / 2000) ** 0.5)
     assert "| byol | 4.0% | 0.4 | 1.21x | 12 | 0.71 | 3.8 | beats random |" in text
     assert byol["feature_rank"] == 3.84
-    assert "batch 64, bf16, peak lr 0.03" in text
+    assert "batch 64, bf16, 32 px crops of the 64 px images, peak lr 0.03" in text
 
 
 class Images(Dataset):
