@@ -92,9 +92,7 @@ class NormalizedEncoder(nn.Module):
         return self.encoder(self.normalize(x))
 
 
-def strided_convs_on_one_pixel(
-    encoder: nn.Module, size: int, channels: int | None = None
-) -> list[str]:
+def strided_convs_on_one_pixel(encoder: nn.Module, size: int, channels: int = 3) -> list[str]:
     """Names of the strided 3 x 3 (k > 1) convolutions that receive a 1 x 1 feature map from a
     size x size input (a ResNet's layer4.0.conv1 does at 16 px and below: 16 -> 8 -> 4 -> 2 -> 1).
 
@@ -104,9 +102,6 @@ def strided_convs_on_one_pixel(
     expected on 2 x 2, and for 1 x 1 kernels or stride 1), so a bf16 run with crops that small
     diverges within a few steps. The engine refuses such runs instead.
     """
-    channels = (
-        channels or next(m for m in encoder.modules() if isinstance(m, nn.Conv2d)).in_channels
-    )
     hits: list[str] = []
     hooks = [
         module.register_forward_pre_hook(

@@ -325,6 +325,8 @@ def test_cli_on_npz(tmp_path, capsys):
         "random",
         "--name",
         "Random",
+        "--encoder",
+        "colour_histogram",  # a low-level reference by name, as in the README
     ]
     argv += ["--protocol", "knn", "--protocol", "linear", "--label-fraction", "--image-size", "32"]
     argv += ["--out", str(out), "--no-progress"]
@@ -332,8 +334,9 @@ def test_cli_on_npz(tmp_path, capsys):
     with (out / "results.csv").open() as f:
         table = list(csv.DictReader(f))
     # --label-fraction alone: 10% (1 per class of 10) x 3 draws, given val/test splits
-    assert len(table) == 2 * 3
+    assert len(table) == 2 * 2 * 3
     assert {r["n_train"] for r in table} == {"2"} and {r["n_test"] for r in table} == {"10"}
+    assert {r["encoder"] for r in table} == {"Random", "colour_histogram"}
     assert "| Random" in capsys.readouterr().out
 
 
