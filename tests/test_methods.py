@@ -239,6 +239,37 @@ def test_swav_queue_starts_at_configured_epoch_and_is_used_once_full():
         small(views)
 
 
+def test_swav_recipe_has_main_swav_optimiser():
+    """LARC over every parameter, cosine to base_lr / 1000, warm-up from start_warmup: the
+    original's batch-4096 scripts (4.8, 0.0048, 0.3) when scaled to 4096."""
+    full = recipe_for("swav", "full")
+    assert (full.optimizer, full.trust_mode, full.exclude_bias_and_norm) == ("lars", "larc", False)
+    assert (full.weight_decay, full.warmup_epochs, full.momentum) == (1e-6, 10, 0.9)
+    peak = full.lr(4096)
+    assert (peak, peak * full.start_warmup_ratio, peak * full.final_lr_ratio) == pytest.approx(
+        (4.8, 0.3, 0.0048)
+    )
+    assert recipe_for("swav", "tiny").final_lr_ratio == pytest.approx(0.001)
+
+
+def test_swav_larc_step_skips_frozen_prototypes_and_moves_every_other_parameter():
+    """With the recipe's own optimiser: frozen prototypes have no gradient, so LARC neither
+    decays nor moves them; all other parameters (biases and BN included) take a step."""
+    from medp2x.optim import build_optimizer
+
+    method = swav(optimizer="lars", freeze_prototypes_iters=1)
+    optimizer, _ = build_optimizer(method, method.recipe, batch_size=6, steps_per_epoch=10)
+    before = {n: p.detach().clone() for n, p in method.named_parameters()}
+    method(random_views("swav", batch=6))["loss"].backward()
+    method.on_before_optimizer_step(epoch=0, iteration=0)
+    optimizer.step()
+    for name, p in method.named_parameters():
+        if name.startswith("prototypes"):
+            assert torch.equal(p, before[name]) and not optimizer.state[p]
+        else:
+            assert not torch.equal(p, before[name]), name
+
+
 # --------------------------------------------------------------------------- BYOL
 
 

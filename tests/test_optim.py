@@ -98,6 +98,19 @@ def test_lars_keeps_the_plain_step_for_a_zero_weight():
     assert torch.allclose(w, torch.full((3, 3), -0.1))
 
 
+def test_lars_resumes_from_a_state_dict_written_before_trust_mode_existed():
+    w = nn.Parameter(torch.ones(3))
+    old = LARS([w], lr=0.1).state_dict()
+    for group in old["param_groups"]:
+        del group["trust_mode"], group["eps"]
+    optimizer = LARS([w], lr=0.1, trust_mode="larc")
+    optimizer.load_state_dict(old)
+    assert optimizer.param_groups[0]["trust_mode"] == "lars"  # as the run was trained
+    w.grad = torch.ones(3)
+    optimizer.step()
+    torch.testing.assert_close(w.detach(), torch.full((3,), 1 - 0.1 * 0.001))
+
+
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_zero():
     model = Net()
     recipe = _recipe(warmup_epochs=2, epochs=12)
@@ -159,3 +172,110 @@ def test_bad_settings_raise():
         build_optimizer(Net(), _recipe(optimizer="rmsprop"), 32, 1)
     with pytest.raises(ValueError, match="no trainable parameters"):
         build_optimizer(nn.Linear(2, 2).requires_grad_(False), _recipe(), 32, 1)
+
+
+# ----------------------------------------------------------------- SwAV: main_swav.py's LARC
+
+
+def _swav_full(**overrides):
+    from medp2x.methods import recipe_for
+
+    return recipe_for("swav", "full", **overrides)
+
+
+def test_swav_larc_covers_every_parameter_with_weight_decay_and_the_trust_ratio():
+    """main_swav.py wraps ``SGD(model.parameters(), weight_decay=wd)`` in LARC: no exclusions."""
+    model = Net()
+    optimizer, _ = build_optimizer(model, _swav_full(), batch_size=1024, steps_per_epoch=10)
+    assert isinstance(optimizer, LARS) and len(optimizer.param_groups) == 1
+    (group,) = optimizer.param_groups
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for p in group["params"]} == trainable  # biases and BN included
+    assert (group["weight_decay"], group["lars_adapt"]) == (1e-6, True)
+    assert (group["trust_mode"], group["trust_coefficient"]) == ("larc", 0.001)
+
+
+def test_swav_larc_step_equals_apex_larc_then_momentum_sgd_by_hand():
+    """apex LARC (clip=False) then torch SGD (momentum 0.9, its own decay switched off), by hand:
+    where ||w|| > 0 and ||g|| > 0, d = (g + wd w) * eta ||w|| / (||g|| + wd ||w|| + eps), else
+    d = g with no decay at all; v = d at the first step, then 0.9 v + d; w -= lr v.
+    bn.bias starts at 0 and fc.weight gets a zero gradient at step 1: both take the plain step."""
+    model = Net()
+    wd, eta, eps, mom = 0.05, 0.001, 1e-8, 0.9  # a large decay so that its placement shows
+    recipe = _swav_full(weight_decay=wd, warmup_epochs=0)
+    optimizer, scheduler = build_optimizer(model, recipe, batch_size=256, steps_per_epoch=100)
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert float(params["bn.bias"].norm()) == 0.0
+    bufs = {}
+    for step in range(3):
+        _set_grads(model, step)
+        if step == 1:
+            model.fc.weight.grad.zero_()
+        lr = optimizer.param_groups[0]["lr"]
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        scheduler.step()
+        for name, g in grads.items():
+            w = params[name]
+            w_norm, g_norm = float(w.norm()), float(g.norm())
+            if w_norm > 0 and g_norm > 0:
+                d = (g + wd * w) * (eta * w_norm / (g_norm + wd * w_norm + eps))
+            else:
+                d = g
+            bufs[name] = d if step == 0 else mom * bufs[name] + d
+            params[name] = w - lr * bufs[name]
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), params[name], atol=1e-7, rtol=1e-6)
+    assert torch.equal(model.target.weight, Net().target.weight)
+
+
+def _main_swav_schedule(base_lr, final_lr, start_warmup, warmup_epochs, epochs, iters_per_epoch):
+    """main_swav.py's ``lr_schedule`` array, written out as there (numpy)."""
+    np = pytest.importorskip("numpy")
+    warmup = np.linspace(start_warmup, base_lr, iters_per_epoch * warmup_epochs)
+    cosine_steps = iters_per_epoch * (epochs - warmup_epochs)
+    cosine = np.array(
+        [
+            final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * t / cosine_steps))
+            for t in np.arange(cosine_steps)
+        ]
+    )
+    return np.concatenate((warmup, cosine))
+
+
+@pytest.mark.parametrize("batch", [4096, 1024, 256])
+def test_swav_schedule_equals_main_swav_lr_schedule_scaled_by_batch(batch):
+    """At 4096 the recipe is the original's scripts (4.8, final 0.0048, warm-up from 0.3); at
+    other batches the peak, the start and the end scale together (linear rule, per 256)."""
+    recipe = _swav_full(epochs=12, warmup_epochs=2)
+    optimizer, scheduler = build_optimizer(Net(), recipe, batch_size=batch, steps_per_epoch=10)
+    peak = 0.3 * batch / 256
+    expected = _main_swav_schedule(peak, peak / 1000, peak / 16, 2, 12, 10)
+    lrs = []
+    for _ in range(len(expected) + 1):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(peak / 16)  # the first iteration: start_warmup
+    if batch == 4096:
+        assert (lrs[0], lrs[19], lrs[-1]) == pytest.approx((0.3, 4.8, 0.0048))
+    assert lrs[:-1] == pytest.approx(expected.tolist(), rel=1e-12)
+    assert lrs[-1] == pytest.approx(peak / 1000)  # the cosine ends at final_lr = base_lr / 1000
+
+
+def test_schedule_with_start_and_end_ratios():
+    factor = warmup_cosine(5, 15, start_ratio=0.2, final_ratio=0.01)
+    assert [factor(i) for i in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0])
+    assert factor(10) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert factor(15) == factor(20) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize(
+    "field,value", [("trust_mode", "lamb"), ("final_lr_ratio", -0.1), ("start_warmup_ratio", 2.0)]
+)
+def test_bad_swav_optimiser_settings_name_the_field(field, value):
+    recipe = _swav_full()
+    setattr(recipe, field, value)  # as a config file would, past the dataclass
+    with pytest.raises(ValueError, match=field):
+        build_optimizer(Net(), recipe, 32, 1)

@@ -9,6 +9,8 @@ Follows facebookresearch/swav ``main_swav.py``:
 - prototypes get no update during the first ``freeze_prototypes_iters`` iterations (or the
   first ``freeze_prototypes_epochs`` epochs): their gradient is set to ``None`` as in the
   original, so neither weight decay nor momentum moves them;
+- the optimiser is the original's LARC over every parameter (recipe fields ``trust_mode``,
+  ``exclude_bias_and_norm``, ``start_warmup_ratio``, ``final_lr_ratio``; ``medp2x.optim``);
 - an optional queue of past projections (per rank, ``queue_length // world_size`` rows per large
   crop) enlarges the set Sinkhorn balances over when batches are small. It starts at epoch
   ``queue_start_epoch`` and is used once full. It is not saved in checkpoints (the original
@@ -50,13 +52,21 @@ class SwAVRecipe(Recipe):
     freeze_prototypes_iters: int | None = None  # when set, replaces freeze_prototypes_epochs
     queue_length: int = 0  # global length; 0 disables the queue
     queue_start_epoch: int = 15
+    # main_swav.py's optimiser: apex LARC (clip=False) over every parameter, weight decay on
+    # all; lr from start_warmup (0.3 for 4.8 at batch 4096) up to the peak, then a cosine to
+    # final_lr = base_lr / 1000. Ratios of the peak, so they follow its batch scaling.
+    trust_mode: str = "larc"  # used when optimizer is "lars"
+    exclude_bias_and_norm: bool = False
+    start_warmup_ratio: float = 0.3 / 4.8
+    final_lr_ratio: float = 0.001
 
 
 def recipe(profile: str) -> SwAVRecipe:
     check_profile(profile)
     if profile == "full":
-        # main_swav.py's ImageNet recipe (LARS lr 4.8 at B = 4096, i.e. 0.3 per 256) at the
-        # P2X paper's batch 1024; queue 3840 from epoch 15 as the SwAV README advises below 4096.
+        # main_swav.py's ImageNet recipe (LARC lr 4.8 at B = 4096, i.e. 0.3 per 256; warm-up
+        # from 0.3, cosine to 0.0048, both scaled with the peak) at the P2X paper's batch 1024;
+        # queue 3840 from epoch 15 as the SwAV README advises below 4096.
         r = SwAVRecipe(
             method="swav", profile="full", arch="resnet50", image_size=224,
             batch_size=1024, epochs=1000, optimizer="lars", base_lr=0.3,
