@@ -124,7 +124,7 @@ def larc_update(
     adapts = (w_norm > 0) & (g_norm > 0)
     ratio = torch.where(adapts, eta * w_norm / (g_norm + wd * w_norm + eps), 1.0)
     decay = torch.where(adapts, wd, 0.0)
-    return (g + decay * w) * ratio
+    return torch.addcmul(g, w, decay).mul_(ratio)  # one temporary: optimiser steps are memory-bound
 
 
 def check_trust_mode(trust_mode: str) -> None:
