@@ -21,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the command as typed, for the reports' "reproduce" line
     try:
         return int(args.func(args) or 0)
     except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback

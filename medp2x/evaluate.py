@@ -1,18 +1,26 @@
 """Downstream evaluation: the paper's fine-tuning protocol, the usual linear probe and kNN,
-low-label draws, and the comparison runner behind Tables 2-3 and Figs. 2-3.
+low-label draws, paired intervals, and the comparison runner behind Tables 2-3 and Figs. 2-3.
 
-Flow: ``compare_encoders`` fixes the splits once (the same validation carve and the same
-low-label draws for every encoder, so encoders are compared on identical labels), then per
-encoder computes frozen features once (linear, kNN) or fine-tunes a copy (finetune), and
-returns one row of metrics per encoder x protocol x draw. ``write_results`` turns rows into
-``results.md`` / ``results.csv``; ``convergence_figure`` evaluates the checkpoints of
-pretraining runs and plots accuracy against pretraining progress.
+Flow: ``compare_encoders`` fixes the label draws once (every encoder learns from the same
+labels and is tested on the same images), checks that no encoder's pretraining saw a test
+image (``medp2x.provenance``), then per encoder computes frozen features once (linear, kNN)
+or fine-tunes a copy (finetune), and returns one row of metrics per encoder x protocol x
+draw, with each encoder's paired bootstrap interval against the reference encoder(s).
+``write_results`` turns rows into ``results.md`` / ``results.csv`` / ``results.png``;
+``convergence_figure`` evaluates the checkpoints of pretraining runs against progress.
 
-Protocols (see docs/evaluation.md):
-- ``finetune``: whole network + linear head, Adam lr 3e-4, weight decay 1e-4 (paper), the
-  epoch with the best validation score is restored and reported on the test split.
+The label budget (docs/evaluation.md): a draw of X % of the training labels is all a
+protocol learns *or selects* from. ``selection="none"`` (default, the paper's setting): a
+fixed number of fine-tuning epochs, a fixed probe regularisation, the final model tested.
+``selection="draw"``: a stratified ``val_fraction`` of each draw is held out to choose the
+epoch / probe strength; the rest is trained on. ``selection="val"``: a given validation split
+chooses (labels outside the budget; the table says so).
+
+Protocols:
+- ``finetune``: whole network + linear head, Adam lr 3e-4, weight decay 1e-4 (paper),
+  random-resized crops + flips (``medp2x.eval.images``).
 - ``linear``: multinomial logistic regression on standardised frozen features, fitted
-  full-batch with L-BFGS on the evaluation device; the L2 strength is chosen on validation.
+  full-batch with L-BFGS on the evaluation device.
 - ``knn``: cosine similarity, k nearest training features vote with weight exp(sim / T)
   (Wu et al. 2018; DINO's k = 20, T = 0.07).
 """
@@ -29,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +45,17 @@ from tqdm.auto import tqdm
 
 from medp2x.baselines import BASELINES, build_baseline
 from medp2x.batchnorm import BN_STATS, recompute_bn_stats
+from medp2x.eval.images import EvalCollate, TrainCollate
+from medp2x.eval.paired import paired_bootstrap
+from medp2x.eval.report import (
+    format_accuracy_pivot,
+    format_differences,
+    format_draws,
+    format_table,
+    paired_differences,
+    summarize,
+    write_results,
+)
 from medp2x.metrics import METRICS, classification_metrics
 from medp2x.networks import (
     IMAGENET_MEAN,
@@ -51,7 +69,9 @@ logger = logging.getLogger("medp2x.evaluate")
 
 PROTOCOLS = ("finetune", "linear", "knn")
 NORMALIZATIONS = ("auto", "imagenet", "none")
+SELECTIONS = ("none", "draw", "val")
 EncoderSpec = nn.Module | str | Path
+BatchCollate = EvalCollate  # the name this collate had before images kept their shape
 
 
 @dataclass(frozen=True)
@@ -66,27 +86,44 @@ class EvalSettings:
     device: str = "cpu"
     knn_k: int = 20
     knn_temperature: float = 0.07
-    linear_weight_decays: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 0.0)
+    linear_weight_decays: tuple[float, ...] = (1e-1, 1e-2, 1e-3, 1e-4, 0.0)  # searched grid
+    linear_weight_decay: float | None = None  # without selection; None: 1 / n (sklearn's C = 1)
     linear_max_iter: int = 200
     select_metric: str = "accuracy"
     augment: bool = True
+    crop_scale: float = 0.08  # fine-tuning random-resized crop: smallest area fraction
     num_workers: int = 0
     progress: bool = True
     bn_stats: str = "saved"  # "recomputed": frozen protocols first re-average BN (batchnorm.py)
+    selection: str = "none"
 
 
 @dataclass
 class Splits:
-    """Train / validation / test sets with their labels, fixed for a whole comparison."""
+    """Training / test sets (and a given validation set) with their labels, fixed for a whole
+    comparison. The test split is the dataset's own, never carved here."""
 
     train: Dataset
-    val: Dataset
+    val: Dataset | None
     test: Dataset
     train_labels: np.ndarray
-    val_labels: np.ndarray
+    val_labels: np.ndarray | None
     test_labels: np.ndarray
     num_classes: int
-    val_source: str
+
+
+@dataclass(frozen=True)
+class DrawPlan:
+    """The training-set indices one label draw learns from (``fit``) and selects on
+    (``select``; None: no selection, or a given validation split). ``fit`` and ``select`` are
+    disjoint and together are the draw: the whole label budget."""
+
+    fit: np.ndarray
+    select: np.ndarray | None
+
+    @property
+    def labels_used(self) -> np.ndarray:
+        return self.fit if self.select is None else np.union1d(self.fit, self.select)
 
 
 # ----------------------------------------------------------------------------- label draws
@@ -130,13 +167,42 @@ def low_label_draws(
     return subsets
 
 
+def plan_draws(
+    labels: Sequence[int] | np.ndarray,
+    fraction: float,
+    draws: int = 3,
+    seed: int = 0,
+    disjoint: bool = False,
+    selection: str = "none",
+    val_fraction: float = 0.1,
+) -> list[DrawPlan]:
+    """The label draws and, with ``selection="draw"``, each draw's own stratified
+    ``val_fraction`` held out for model selection: everything stays inside the draw."""
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, not {selection!r}")
+    labels = np.asarray(labels)
+    plans = []
+    for d, draw in enumerate(low_label_draws(labels, fraction, draws, seed, disjoint)):
+        if selection != "draw":
+            plans.append(DrawPlan(draw, None))
+            continue
+        kept, held = stratified_split(labels[draw], val_fraction, seed=[seed, d, 1])
+        if len(held) == 0:
+            raise ValueError(
+                f"a draw of {len(draw)} labels leaves none to select on: use selection 'none' "
+                "or a larger label fraction"
+            )
+        plans.append(DrawPlan(draw[kept], draw[held]))
+    return plans
+
+
 def _round_half_up(x: float) -> int:
     """2.5 -> 3 (Python's round() gives 2): sample counts as people count them."""
     return math.floor(x + 0.5)
 
 
 def stratified_split(
-    labels: Sequence[int] | np.ndarray, fraction: float, seed: int = 0
+    labels: Sequence[int] | np.ndarray, fraction: float, seed: int | Sequence[int] = 0
 ) -> tuple[np.ndarray, np.ndarray]:
     """(kept, held-out) indices, holding out ``fraction`` of each class (at least one sample of
     every class with two or more, so each side sees every class where possible)."""
@@ -174,68 +240,27 @@ def _is_pair(item) -> bool:
 
 
 def prepare_splits(
-    train: Dataset,
-    test: Dataset,
-    val: Dataset | None = None,
-    val_fraction: float = 0.1,
-    seed: int = 0,
-    progress: bool = False,
+    train: Dataset, test: Dataset, val: Dataset | None = None, progress: bool = False
 ) -> Splits:
-    """Read the labels once and, without a validation set, carve a stratified one from train."""
+    """Read the labels once and check that every split is labelled."""
     train_labels = dataset_labels(train, progress)
     test_labels = dataset_labels(test, progress)
-    if val is None:
-        kept, held = stratified_split(train_labels, val_fraction, seed)
-        logger.warning(
-            "no validation split given: carved a stratified %.0f%% of train (%d samples) for "
-            "model selection",
-            100 * val_fraction,
-            len(held),
-        )
-        val, val_labels = Subset(train, held.tolist()), train_labels[held]
-        train, train_labels = Subset(train, kept.tolist()), train_labels[kept]
-        val_source = f"carved from train ({100 * val_fraction:g}%)"
-    else:
-        val_labels, val_source = dataset_labels(val, progress), "given"
-    for name, labels in (
-        ("train", train_labels),
-        ("validation", val_labels),
-        ("test", test_labels),
-    ):
+    val_labels = None if val is None else dataset_labels(val, progress)
+    named = [("train", train_labels), ("test", test_labels)]
+    for name, labels in [*named, ("validation", val_labels)]:
+        if labels is None:
+            continue
         if len(labels) == 0:
             raise ValueError(f"the {name} split is empty")
         if labels.min() < 0:
             raise ValueError(f"the {name} split holds unlabelled samples (label -1)")
-    num_classes = int(max(train_labels.max(), val_labels.max(), test_labels.max())) + 1
-    return Splits(train, val, test, train_labels, val_labels, test_labels, num_classes, val_source)
+    maxima = [
+        labels.max() for labels in (train_labels, test_labels, val_labels) if labels is not None
+    ]
+    return Splits(train, val, test, train_labels, val_labels, test_labels, int(max(maxima)) + 1)
 
 
 # ----------------------------------------------------------------------------- batches
-
-
-class BatchCollate:
-    """Stack samples into (images, labels), resizing each image to ``image_size`` first, since
-    readers may yield mixed sizes. A class (not a closure) so DataLoader workers can pickle it."""
-
-    def __init__(self, image_size: int | None = None):
-        self.image_size = image_size
-
-    def __call__(self, samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        images = [self._resize(s["image"]) for s in samples]
-        shapes = {tuple(i.shape) for i in images}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"images of different shapes {sorted(shapes)} in one batch: set image_size"
-            )
-        labels = torch.tensor([int(s["label"]) for s in samples], dtype=torch.long)
-        return torch.stack(images), labels
-
-    def _resize(self, image: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        if size is None or tuple(image.shape[-2:]) == (size, size):
-            return image
-        out = F.interpolate(image[None].float(), size=(size, size), mode="bilinear", antialias=True)
-        return out[0].clamp_(0.0, 1.0)
 
 
 def make_loader(
@@ -244,14 +269,21 @@ def make_loader(
     shuffle: bool = False,
     generator: torch.Generator | None = None,
     drop_last: bool = False,
+    train: bool = False,
 ) -> DataLoader:
+    """Batches through the evaluation view (``train``: the fine-tuning view)."""
+    collate = (
+        TrainCollate(settings.image_size, settings.crop_scale)
+        if train
+        else EvalCollate(settings.image_size)
+    )
     return DataLoader(
         dataset,
         batch_size=settings.batch_size,
         shuffle=shuffle,
         generator=generator,
         drop_last=drop_last,
-        collate_fn=BatchCollate(settings.image_size),
+        collate_fn=collate,
         num_workers=settings.num_workers,
     )
 
@@ -426,29 +458,44 @@ def fit_logistic(
 
 def linear_probe(
     train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor] | None,
     test: tuple[torch.Tensor, torch.Tensor],
     num_classes: int,
     settings: EvalSettings,
 ) -> tuple[dict, dict]:
-    """Fit one probe per L2 strength, keep the best on validation, report it on test.
-    Features are standardised with the training subset's statistics (conditioning)."""
+    """Fit the probe on ``train`` and report it on ``test``. With ``val``, one probe per L2
+    strength of ``settings.linear_weight_decays`` is fitted and the best on ``val`` kept;
+    without, one probe with ``settings.linear_weight_decay`` (None: 1 / n, scikit-learn's
+    default C = 1). Features are standardised with the training features' statistics."""
     mean, std = train[0].mean(0), train[0].std(0, unbiased=False).clamp_min(1e-6)
 
     def standardise(x: torch.Tensor) -> torch.Tensor:
         return (x - mean) / std
 
-    best = None
-    for wd in settings.linear_weight_decays:
-        layer = fit_logistic(
+    def fit(wd: float) -> nn.Linear:
+        return fit_logistic(
             standardise(train[0]), train[1], num_classes, wd, settings.linear_max_iter
         )
-        score = _score(layer(standardise(val[0])), val[1], num_classes, settings.select_metric)
-        if best is None or score > best[0]:
-            best = (score, wd, layer)
-    score, wd, layer = best
-    test_metrics = _metrics(layer(standardise(test[0])).softmax(1), test[1], num_classes)
-    return test_metrics, {"selected": f"weight_decay={wd:g}", "val_score": score}
+
+    if val is None:
+        wd = settings.linear_weight_decay
+        wd = 1.0 / len(train[0]) if wd is None else wd
+        layer, score, selected = fit(wd), math.nan, f"weight_decay={wd:.3g} (fixed)"
+    else:
+        best = None
+        for wd in settings.linear_weight_decays:
+            layer = fit(wd)
+            score = _score(layer(standardise(val[0])), val[1], num_classes, settings.select_metric)
+            if best is None or score > best[0]:
+                best = (score, wd, layer)
+        score, wd, layer = best
+        selected = f"weight_decay={wd:g}"
+    scores = layer(standardise(test[0])).softmax(1)
+    return _metrics(scores, test[1], num_classes), {
+        "selected": selected,
+        "val_score": score,
+        PREDICTIONS: _argmax(scores),
+    }
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -485,33 +532,38 @@ def finetune(
     settings: EvalSettings,
     seed: int = 0,
     desc: str = "finetune",
+    select: Dataset | None = None,
 ) -> tuple[dict, dict]:
-    """Fine-tune a deep copy of the encoder with a fresh linear head (Adam, paper settings);
-    restore the epoch with the best validation score and report it on the test split."""
-    torch.manual_seed(seed)
+    """Fine-tune a deep copy of the encoder with a fresh linear head (Adam, paper settings)
+    on ``train_indices`` of the training split for ``settings.epochs`` epochs and report the
+    final model on the test split (the paper's protocol). With ``select``, the epoch with the
+    best score on it is restored instead."""
+    torch.manual_seed(seed)  # head init and the random crops of the fine-tuning view
     model = Classifier(copy.deepcopy(encoder), splits.num_classes).to(settings.device)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     subset = Subset(splits.train, train_indices.tolist())
     # BatchNorm cannot train on a batch of one: drop a last batch of exactly one sample.
     drop_last = len(subset) > 1 and len(subset) % settings.batch_size == 1
-    train_loader = make_loader(subset, settings, shuffle=True, generator=gen, drop_last=drop_last)
-    val_loader = make_loader(splits.val, settings)
-    best_score, best_epoch, best_state = -math.inf, 0, None
+    train_loader = make_loader(
+        subset, settings, shuffle=True, generator=gen, drop_last=drop_last, train=settings.augment
+    )
+    select_loader = None if select is None else make_loader(select, settings)
+    best_score, best_epoch, best_state = -math.inf, settings.epochs, None
     epochs = tqdm(
         range(1, settings.epochs + 1), desc=desc, disable=not settings.progress, leave=False
     )
     for epoch in epochs:
         model.train()
         for images, y in train_loader:
-            images = images.to(settings.device)
-            if settings.augment:
-                images = random_hflip(images, gen)
-            loss = F.cross_entropy(model(images), y.to(settings.device))
+            loss = F.cross_entropy(model(images.to(settings.device)), y.to(settings.device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        probs, labels = predict(model, val_loader, settings.device)
+        if select_loader is None:
+            epochs.set_postfix(loss=loss.item())
+            continue
+        probs, labels = predict(model, select_loader, settings.device)
         score = _score(probs, labels, splits.num_classes, settings.select_metric)
         epochs.set_postfix(loss=loss.item(), val=score)
         if score > best_score:
@@ -520,18 +572,22 @@ def finetune(
     if best_state is not None:
         model.load_state_dict(best_state)
     probs, labels = predict(model, make_loader(splits.test, settings), settings.device)
-    info = {"selected": f"epoch={best_epoch}/{settings.epochs}", "val_score": best_score}
+    fixed = " (fixed)" if select_loader is None else ""
+    info = {
+        "selected": f"epoch={best_epoch}/{settings.epochs}{fixed}",
+        "val_score": best_score if select_loader is not None else math.nan,
+        PREDICTIONS: _argmax(probs),
+    }
     return _metrics(probs, labels, splits.num_classes), info
 
 
-def random_hflip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image left-right with probability 1/2 (the fine-tuning augmentation)."""
-    flip = torch.rand(len(images), generator=generator) < 0.5
-    flip = flip.to(images.device).view(-1, 1, 1, 1)
-    return torch.where(flip, images.flip(-1), images)
-
-
 # ----------------------------------------------------------------------------- metrics glue
+
+PREDICTIONS = "test_predictions"  # protocols' info key for per-image predictions (not a column)
+
+
+def _argmax(scores: torch.Tensor) -> np.ndarray:
+    return scores.detach().float().argmax(1).cpu().numpy()
 
 
 def _metrics(scores: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict:
@@ -564,6 +620,7 @@ def compare_encoders(
     seed: int = 0,
     progress: bool = True,
     *,
+    selection: str = "none",
     disjoint: bool = False,
     val_fraction: float = 0.1,
     image_size: int | None = None,
@@ -574,19 +631,36 @@ def compare_encoders(
     knn_k: int = 20,
     knn_temperature: float = 0.07,
     linear_weight_decays: Sequence[float] = EvalSettings.linear_weight_decays,
+    linear_weight_decay: float | None = None,
     select_metric: str = "accuracy",
     augment: bool = True,
+    crop_scale: float = 0.08,
     num_workers: int = 0,
     bn_stats: str = "saved",
+    reference: str | Sequence[str] | None = "auto",
+    bootstrap: int = 2000,
+    allow_test_overlap: bool = False,
 ) -> list[dict]:
-    """Evaluate every encoder with every protocol on the same splits and label draws.
+    """Evaluate every encoder with every protocol on the same label draws and test images.
 
     ``encoders`` maps a display name to a module taking [0, 1] images (with ``feature_dim``),
-    ``"random"``, or a checkpoint path (loaded one at a time, see ``resolve_encoder``). Caller
-    modules are never modified: fine-tuning trains a deep copy. Returns one row per encoder x
-    protocol x draw: encoder, protocol, draw, seed, label_fraction, n_train, n_val, n_test,
-    val_source, accuracy, balanced_accuracy, macro_f1, auroc (binary; else NaN), selected
-    (best epoch / L2 strength / k, T), val_score, seconds.
+    ``"random"``, a low-level reference, or a checkpoint path (loaded one at a time, see
+    ``resolve_encoder``). Caller modules are never modified: fine-tuning trains a deep copy.
+
+    ``selection``: "none" (the paper's: fixed epochs / probe strength), "draw" (select on
+    ``val_fraction`` of each draw), "val" (select on ``val``, labels outside the budget).
+    ``reference``: the encoder name(s) every other encoder's paired difference is taken
+    against ("auto": the encoder given as "random", else the first one; None: no
+    differences), with a ``bootstrap``-resample paired 95 % interval over test images and
+    draws (0: no intervals). An encoder file whose pretraining run saw a test image is
+    refused unless ``allow_test_overlap``.
+
+    Returns one row per encoder x protocol x draw: encoder, protocol, draw, seed,
+    label_fraction, n_train (labels learned from), n_select (labels selected on), selection,
+    n_test, accuracy, balanced_accuracy, macro_f1, auroc (binary; else NaN), selected,
+    val_score, seconds, the settings that reproduce it, ``test_overlap``, and per encoder x
+    protocol ``<metric>_low/_high`` and ``<metric>_diff_vs_<reference>[_low|_high|_excludes_0]``
+    for accuracy and balanced accuracy.
     """
     protocols = [protocol] if isinstance(protocol, str) else list(protocol)
     unknown = [p for p in protocols if p not in PROTOCOLS]
@@ -596,6 +670,9 @@ def compare_encoders(
         raise ValueError(f"select_metric must be one of {', '.join(METRICS)}")
     if bn_stats not in BN_STATS:
         raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+    if selection == "val" and val is None:
+        raise ValueError("selection 'val' needs a validation split (--val-data, or an .npz 'val')")
+    references = _references(encoders, reference)
     settings = EvalSettings(
         epochs=epochs,
         batch_size=batch_size,
@@ -606,32 +683,80 @@ def compare_encoders(
         knn_k=knn_k,
         knn_temperature=knn_temperature,
         linear_weight_decays=tuple(linear_weight_decays),
+        linear_weight_decay=linear_weight_decay,
         select_metric=select_metric,
         augment=augment,
+        crop_scale=crop_scale,
         num_workers=num_workers,
         progress=progress,
         bn_stats=bn_stats,
+        selection=selection,
     )
-    splits = prepare_splits(train, test, val, val_fraction, seed, progress)
-    subsets = low_label_draws(splits.train_labels, label_fraction, draws, seed, disjoint)
+    overlaps = check_test_overlap(encoders, test, allow_test_overlap)
+    splits = prepare_splits(train, test, val if selection == "val" else None, progress)
+    plans = plan_draws(
+        splits.train_labels, label_fraction, draws, seed, disjoint, selection, val_fraction
+    )
+    predictions: dict[tuple[str, str], list[np.ndarray]] = {}
     rows = []
     for name, spec in encoders.items():
         encoder = resolve_encoder(spec, arch, in_channels, normalization, seed)
-        rows += _evaluate_one(
-            name, encoder, splits, subsets, protocols, settings, seed, label_fraction
+        rows += _evaluate_one(name, encoder, splits, plans, protocols, settings, seed, predictions)
+    for row in rows:
+        row.update(
+            label_fraction=label_fraction,
+            n_train_split=len(splits.train_labels),
+            **_settings_columns(settings, val_fraction, disjoint),
+            test_overlap=overlaps[row["encoder"]].note,
+            test_images_seen=overlaps[row["encoder"]].seen,
         )
+    add_intervals(rows, predictions, splits.test_labels, references, bootstrap, seed)
     return rows
+
+
+def _references(encoders: Mapping[str, EncoderSpec], reference) -> list[str]:
+    if reference is None or len(encoders) < 2:
+        return []
+    if reference == "auto":
+        randoms = [n for n, s in encoders.items() if isinstance(s, str) and s == "random"]
+        return randoms[:1] or [next(iter(encoders))]
+    names = [reference] if isinstance(reference, str) else list(reference)
+    missing = [n for n in names if n not in encoders]
+    if missing:
+        raise ValueError(
+            f"reference encoder(s) {', '.join(missing)} not among {', '.join(encoders)}"
+        )
+    return names
+
+
+def _settings_columns(settings: EvalSettings, val_fraction: float, disjoint: bool) -> dict:
+    """What a reader needs to reproduce a cell, on every row (and so in results.csv)."""
+    return {
+        "selection": settings.selection,
+        "val_fraction": val_fraction if settings.selection == "draw" else math.nan,
+        "disjoint": disjoint,
+        "image_size": settings.image_size,
+        "epochs": settings.epochs,
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "weight_decay": settings.weight_decay,
+        "augment": settings.augment,
+        "crop_scale": settings.crop_scale,
+        "knn_k": settings.knn_k,
+        "knn_temperature": settings.knn_temperature,
+        "bn_stats": settings.bn_stats,
+    }
 
 
 def _evaluate_one(
     name: str,
     encoder: nn.Module,
     splits: Splits,
-    subsets: list[np.ndarray],
+    plans: list[DrawPlan],
     protocols: list[str],
     settings: EvalSettings,
     seed: int,
-    label_fraction: float,
+    predictions: dict,
 ) -> list[dict]:
     """All protocols and draws for one encoder; frozen features are computed once and shared
     by the linear and kNN protocols and by every draw."""
@@ -641,25 +766,27 @@ def _evaluate_one(
         if settings.bn_stats == "recomputed":
             images = training_images(splits.train, settings, input_channels(encoder))
             frozen = recompute_bn_stats(encoder.to(settings.device), images)
-        feats = _frozen_features(name, frozen, splits, subsets, settings)
+        feats = _frozen_features(name, frozen, splits, plans, settings)
     rows = []
     for protocol in protocols:
-        for draw, idx in enumerate(subsets):
+        for draw, plan in enumerate(plans):
             start = time.perf_counter()
             metrics, info = _run_protocol(
-                protocol, encoder, splits, feats, idx, settings, seed + draw, name
+                protocol, encoder, splits, feats, plan, settings, seed + draw, name
             )
+            predictions.setdefault((name, protocol), []).append(info.pop(PREDICTIONS))
+            n_select = _n_select(plan, splits, protocol)
             rows.append(
                 {
                     "encoder": name,
                     "protocol": protocol,
                     "draw": draw,
                     "seed": seed + draw,
-                    "label_fraction": label_fraction,
-                    "n_train": len(idx),
-                    "n_val": len(splits.val_labels),
+                    "n_train": len(plan.fit),
+                    "n_select": n_select,
+                    "n_val": n_select,
+                    "val_source": _selection_source(settings.selection, protocol),
                     "n_test": len(splits.test_labels),
-                    "val_source": splits.val_source,
                     **metrics,
                     **info,
                     "seconds": round(time.perf_counter() - start, 3),
@@ -669,6 +796,22 @@ def _evaluate_one(
     return rows
 
 
+def _n_select(plan: DrawPlan, splits: Splits, protocol: str) -> int:
+    if protocol == "knn":
+        return 0
+    if plan.select is not None:
+        return len(plan.select)
+    return 0 if splits.val_labels is None else len(splits.val_labels)
+
+
+def _selection_source(selection: str, protocol: str) -> str:
+    if protocol == "knn" or selection == "none":
+        return "none (fixed settings)"
+    if selection == "draw":
+        return "held out inside the draw"
+    return "given validation split (outside the label budget)"
+
+
 def training_images(dataset: Dataset, settings: EvalSettings, channels: int | None):
     """The images of ``dataset`` in evaluation batches, labels dropped (BN re-averaging)."""
     for images, _ in make_loader(dataset, settings):
@@ -676,22 +819,32 @@ def training_images(dataset: Dataset, settings: EvalSettings, channels: int | No
 
 
 def _frozen_features(
-    name: str, encoder: nn.Module, splits: Splits, subsets: list[np.ndarray], settings: EvalSettings
+    name: str, encoder: nn.Module, splits: Splits, plans: list[DrawPlan], settings: EvalSettings
 ) -> dict:
-    """Features of validation, test and only those training samples some draw uses: with 10%
-    draws that skips most of the training set's forward passes."""
-    used = np.unique(np.concatenate(subsets))
+    """Features of the test set, of a given validation set, and of only those training
+    samples some draw uses: with 10 % draws that skips most training forward passes."""
+    used = np.unique(np.concatenate([p.labels_used for p in plans]))
     train = (
         splits.train
         if len(used) == len(splits.train_labels)
         else Subset(splits.train, used.tolist())
     )
-    return {
+    feats = {
         "train_indices": used,
         "train": extract_features(encoder, train, settings, f"{name}: train features"),
-        "val": extract_features(encoder, splits.val, settings, f"{name}: val features"),
         "test": extract_features(encoder, splits.test, settings, f"{name}: test features"),
+        "val": None,
     }
+    if splits.val is not None:
+        feats["val"] = extract_features(encoder, splits.val, settings, f"{name}: val features")
+    return feats
+
+
+def _feature_rows(feats: dict, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of training samples ``idx`` among the featurised ones."""
+    rows = np.searchsorted(feats["train_indices"], idx)  # both sorted
+    sel = torch.as_tensor(rows, device=feats["train"][0].device)
+    return feats["train"][0][sel], feats["train"][1][sel]
 
 
 def _run_protocol(
@@ -699,138 +852,120 @@ def _run_protocol(
     encoder: nn.Module,
     splits: Splits,
     feats: dict | None,
-    idx: np.ndarray,
+    plan: DrawPlan,
     settings: EvalSettings,
     seed: int,
     name: str,
 ) -> tuple[dict, dict]:
     if protocol == "finetune":
-        return finetune(encoder, splits, idx, settings, seed, f"{name}: finetune")
-    # rows of the draw's samples among the featurised training samples (sorted indices)
-    rows = np.searchsorted(feats["train_indices"], idx)
-    sel = torch.as_tensor(rows, device=feats["train"][0].device)
-    train = (feats["train"][0][sel], feats["train"][1][sel])
+        select = None
+        if plan.select is not None:
+            select = Subset(splits.train, plan.select.tolist())
+        elif settings.selection == "val":
+            select = splits.val
+        return finetune(encoder, splits, plan.fit, settings, seed, f"{name}: finetune", select)
+    train = _feature_rows(feats, plan.fit)
     if protocol == "linear":
-        return linear_probe(train, feats["val"], feats["test"], splits.num_classes, settings)
+        select = None
+        if plan.select is not None:
+            select = _feature_rows(feats, plan.select)
+        elif settings.selection == "val":
+            select = feats["val"]
+        return linear_probe(train, select, feats["test"], splits.num_classes, settings)
     scores = knn_scores(
         *train, feats["test"][0], splits.num_classes, settings.knn_k, settings.knn_temperature
     )
-    info = {"selected": f"k={min(settings.knn_k, len(idx))},T={settings.knn_temperature:g}"}
-    return _metrics(scores, feats["test"][1], splits.num_classes), {**info, "val_score": math.nan}
+    info = {
+        "selected": f"k={min(settings.knn_k, len(plan.fit))},T={settings.knn_temperature:g}",
+        "val_score": math.nan,
+        PREDICTIONS: _argmax(scores),
+    }
+    return _metrics(scores, feats["test"][1], splits.num_classes), info
 
 
-# ----------------------------------------------------------------------------- tables
+# ----------------------------------------------------------------------------- intervals
 
 
-def summarize(rows: Sequence[Mapping]) -> pd.DataFrame:
-    """Mean and sample std over draws per encoder x protocol x label fraction (input order)."""
-    frame = pd.DataFrame(list(rows))
-    keys = ["encoder", "protocol", "label_fraction"]
-    grouped = frame.groupby(keys, sort=False)
-    out = grouped[list(METRICS)].agg(["mean", "std"])
-    out.columns = [f"{m}_{s}" for m, s in out.columns]
-    out.insert(0, "draws", grouped.size())
-    out.insert(1, "n_train", grouped["n_train"].mean().round().astype(int))
-    return out.reset_index()
+def add_intervals(
+    rows: list[dict],
+    predictions: Mapping[tuple[str, str], Sequence[np.ndarray]],
+    test_labels: np.ndarray,
+    references: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> None:
+    """Add to every row its encoder's bootstrap interval (``accuracy_low`` ...) and, per
+    reference R, the paired difference ``accuracy_diff_vs_R`` with ``_low``, ``_high`` and
+    ``_excludes_0`` (see ``medp2x.eval.paired``); rows of one encoder x protocol share them."""
+    if n_boot <= 0:
+        return
+    correct = {
+        key: np.stack([p == test_labels for p in preds]) for key, preds in predictions.items()
+    }
+    for row in rows:
+        row.update(bootstrap=n_boot, confidence=confidence)
+    for (name, protocol), hits in correct.items():
+        group = [r for r in rows if r["encoder"] == name and r["protocol"] == protocol]
+        own = paired_bootstrap(hits, None, test_labels, n_boot, confidence, seed)
+        values = {}
+        for metric, interval in own.items():
+            values[f"{metric}_low"], values[f"{metric}_high"] = interval.low, interval.high
+        for ref in references:
+            if ref == name or (ref, protocol) not in correct:
+                continue
+            diff = paired_bootstrap(
+                hits, correct[ref, protocol], test_labels, n_boot, confidence, seed
+            )
+            for metric, interval in diff.items():
+                column = f"{metric}_diff_vs_{ref}"
+                values[column] = interval.estimate
+                values[f"{column}_low"], values[f"{column}_high"] = interval.low, interval.high
+                values[f"{column}_excludes_0"] = interval.excludes_zero
+        for row in group:
+            row.update(values)
 
 
-def _pm(mean: float, std: float, scale: float = 100.0) -> str:
-    if math.isnan(mean):
-        return "n/a"
-    if math.isnan(std):
-        return f"{scale * mean:.1f}"
-    return f"{scale * mean:.1f} ± {scale * std:.1f}"
+# ----------------------------------------------------------------------------- test leakage
 
 
-def format_table(rows: Sequence[Mapping]) -> str:
-    """Markdown table: per encoder x protocol, mean ± std over draws of each metric (in %)."""
-    summary = summarize(rows)
-    table = pd.DataFrame(
-        {
-            "encoder": summary["encoder"],
-            "protocol": summary["protocol"],
-            "labels": [f"{100 * f:g}%" for f in summary["label_fraction"]],
-            "draws": summary["draws"],
-            "n_train": summary["n_train"],
-            **{
-                f"{_METRIC_TITLES[m]} (%)": [
-                    _pm(a, b)
-                    for a, b in zip(summary[f"{m}_mean"], summary[f"{m}_std"], strict=True)
-                ]
-                for m in METRICS
-            },
-        }
-    )
-    return table.to_markdown(index=False)
+def check_test_overlap(
+    encoders: Mapping[str, EncoderSpec], test: Dataset, allow: bool = False
+) -> dict:
+    """Per encoder, how many test images its pretraining run saw (``provenance.Overlap``).
+
+    Refuses (ValueError, one line with the count) an encoder whose run saw any, unless
+    ``allow``; then logs a warning and the table says so. Test images are hashed only when
+    some encoder has a run record."""
+    from medp2x.provenance import Overlap, count_test_overlap, find_record, sample_keys
+
+    records = {name: _record_of(spec, find_record) for name, spec in encoders.items()}
+    test_keys = sample_keys(test) if any(isinstance(r, Path) for r in records.values()) else None
+    overlaps = {}
+    for name, record in records.items():
+        if record == "not pretrained":
+            overlaps[name] = Overlap("not pretrained")
+            continue
+        overlap = count_test_overlap(record, test_keys)
+        if overlap.seen:
+            message = (
+                f"encoder {name!r}: its pretraining run saw {overlap.seen} of the "
+                f"{overlap.test_images} test images ({overlap.record})"
+            )
+            if not allow:
+                raise ValueError(f"{message}; refusing to score it (--allow-test-overlap to force)")
+            logger.warning("%s; scored anyway (allow_test_overlap)", message)
+            overlap.status = "checked"
+        overlaps[name] = overlap
+    return overlaps
 
 
-_METRIC_TITLES = {
-    "accuracy": "accuracy",
-    "balanced_accuracy": "balanced acc.",
-    "macro_f1": "macro-F1",
-    "auroc": "AUROC",
-}
-
-
-def format_accuracy_pivot(rows: Sequence[Mapping]) -> str:
-    """The paper's Table 2/3 layout for one benchmark: encoders as rows, protocols as columns,
-    mean ± std accuracy (%)."""
-    summary = summarize(rows)
-    summary["cell"] = [
-        _pm(a, b) for a, b in zip(summary["accuracy_mean"], summary["accuracy_std"], strict=True)
-    ]
-    summary["column"] = [
-        f"{p} ({100 * f:g}% labels)"
-        for p, f in zip(summary["protocol"], summary["label_fraction"], strict=True)
-    ]
-    pivot = summary.pivot(index="encoder", columns="column", values="cell")
-    pivot = pivot.reindex(index=list(dict.fromkeys(summary["encoder"])))
-    pivot = pivot[list(dict.fromkeys(summary["column"]))]
-    return pivot.fillna("").to_markdown()
-
-
-def format_draws(rows: Sequence[Mapping]) -> str:
-    """Markdown table with one line per encoder x protocol x draw."""
-    frame = pd.DataFrame(list(rows))
-    cols = ["encoder", "protocol", "draw", "seed", "n_train", *METRICS, "selected"]
-    frame = frame[[c for c in cols if c in frame]].copy()
-    for m in METRICS:
-        frame[m] = [("n/a" if math.isnan(v) else f"{100 * v:.1f}") for v in frame[m]]
-    return frame.to_markdown(index=False, disable_numparse=True)  # keep "71.0", not "71"
-
-
-def write_results(
-    rows: Sequence[Mapping], out_dir: str | Path, title: str = "Downstream evaluation"
-) -> tuple[Path, Path]:
-    """``results.md`` (summary, Table 2/3-style accuracy, per-draw table) and ``results.csv``
-    (one row per encoder x protocol x draw, all metrics as fractions)."""
-    if not rows:
-        raise ValueError("no result rows to write")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    md_path, csv_path = out_dir / "results.md", out_dir / "results.csv"
-    first = rows[0]
-    test_source = f" ({first['test_source']})" if first.get("test_source") else ""
-    notes = (
-        f"Test split: {first['n_test']} samples{test_source}; validation: {first['n_val']} samples "
-        f"({first['val_source']}), used for model selection only. Metrics in %, "
-        "mean ± sample std over the label draws."
-    )
-    text = "\n\n".join(
-        [
-            f"# {title}",
-            notes,
-            "## Summary",
-            format_table(rows),
-            "## Accuracy (Table 2/3 layout)",
-            format_accuracy_pivot(rows),
-            "## Per draw",
-            format_draws(rows),
-        ]
-    )
-    md_path.write_text(text + "\n")
-    pd.DataFrame(list(rows)).to_csv(csv_path, index=False)
-    return md_path, csv_path
+def _record_of(spec: EncoderSpec, find_record) -> Path | str | None:
+    if isinstance(spec, nn.Module):
+        return None
+    if str(spec) == "random" or str(spec) in BASELINES:
+        return "not pretrained"
+    return find_record(spec)
 
 
 # ----------------------------------------------------------------------------- convergence
@@ -870,15 +1005,18 @@ def convergence_figure(
     metric: str = "accuracy",
     x: str = "epoch",
     load: Callable[[Path], nn.Module] | None = None,
+    allow_test_overlap: bool = False,
     **compare_kwargs,
 ) -> tuple[Path, Path, list[dict]]:
     """Downstream ``metric`` against pretraining progress for the checkpoints of one or more
     runs (Figs. 2-3: e.g. {"P2X scaled": run_a, "P2X unscaled": run_b}), one line per series,
     values written beside the points. Returns (png, csv, rows); rows carry series, iteration
-    and epoch besides the metrics (mean over draws is plotted).
+    and epoch besides the metrics (mean over draws is plotted, with its bootstrap interval in
+    the rows).
 
     ``load`` turns a checkpoint file into an encoder (default: ``resolve_encoder``);
     ``compare_kwargs`` go to ``compare_encoders`` (label_fraction, draws, image_size, ...).
+    Every checkpoint's run record is checked against the test split first.
     """
     from medp2x.plots import plot_series
 
@@ -886,11 +1024,17 @@ def convergence_figure(
         raise ValueError(f"x must be 'epoch' or 'iteration', not {x!r}")
     if not isinstance(series, Mapping):
         series = {_series_name(series): series}
+    files = {name: list_checkpoints(source) for name, source in series.items()}
+    overlaps = check_test_overlap(
+        {f"{name} @ {path.name}": path for name, paths in files.items() for path in paths},
+        test,
+        allow_test_overlap,
+    )
     load = load or resolve_encoder
     all_rows, points = [], {}
-    for name, source in series.items():
+    for name, paths in files.items():
         points[name] = []
-        for path in list_checkpoints(source):
+        for path in paths:
             progress = checkpoint_progress(path)
             if progress[x] is None:
                 raise ValueError(f"{path}: no trainer state, so no {x}; use x='iteration'")
@@ -902,8 +1046,10 @@ def convergence_figure(
                 protocol=protocol,
                 **compare_kwargs,
             )
+            overlap = overlaps[f"{name} @ {path.name}"]
             for row in rows:
-                row.update(series=name, checkpoint=str(path), **progress)
+                row.update(series=name, checkpoint=path.name, **progress)
+                row.update(test_overlap=overlap.note, test_images_seen=overlap.seen)
             all_rows += rows
             points[name].append((progress[x], 100 * float(np.mean([r[metric] for r in rows]))))
     xlabel = "pretraining epoch" if x == "epoch" else "pretraining iteration"
@@ -929,48 +1075,55 @@ def load_datasets(
     test_data: str | Path | None = None,
     test_fraction: float = 0.2,
     gray: bool = False,
-    image_size: int | None = None,
     on_error: str = "raise",
-    seed: int = 0,
 ) -> tuple[Dataset, Dataset | None, Dataset, str]:
-    """(train, val or None, test, how the test split was made) from paths.
+    """(train, val or None, test, where the test split comes from) from paths.
 
     ``data`` is a class-per-folder image set (``medp2x.data.folder``) or a MedMNIST-style
-    ``.npz`` (its val/test splits are used unless others are given). Without a test set a
-    stratified ``test_fraction`` of ``data`` is held out with ``seed``.
+    ``.npz`` (its val/test splits are used unless others are given). The test split is a
+    property of the dataset, never of an evaluation's seed: ``test_data``, else the file's
+    ``test`` split, else a stratified ``test_fraction`` of each class held out with the
+    registry's fixed ``SPLIT_SEED`` (the split the benchmarks' pretraining readers exclude).
+    Images are read at their own size; the evaluation view resizes them (shape kept).
     """
-    train, val, test = _read_path(data, "train", gray, image_size, on_error), None, None
+    from medp2x.data.benchmarks import SPLIT_SEED
+
+    train, val, test = _read_path(data, "train", gray, on_error), None, None
+    note = "given (--test-data)"
     if Path(data).suffix == ".npz":
         from medp2x.data.npz import available_splits
 
         splits = available_splits(data)
-        val = _read_path(data, "val", gray, image_size, on_error) if "val" in splits else None
-        test = _read_path(data, "test", gray, image_size, on_error) if "test" in splits else None
+        val = _read_path(data, "val", gray, on_error) if "val" in splits else None
+        if "test" in splits:
+            test, note = _read_path(data, "test", gray, on_error), "the file's test split"
     if val_data is not None:
-        val = _read_path(val_data, "val", gray, image_size, on_error)
-    note = "given"
+        val = _read_path(val_data, "val", gray, on_error)
     if test_data is not None:
-        test = _read_path(test_data, "test", gray, image_size, on_error)
+        test, note = _read_path(test_data, "test", gray, on_error), "given (--test-data)"
     elif test is None:
-        kept, held = stratified_split(dataset_labels(train, True), test_fraction, seed)
+        kept, held = stratified_split(dataset_labels(train, True), test_fraction, SPLIT_SEED)
         train, test = Subset(train, kept.tolist()), Subset(train, held.tolist())
-        note = f"held out from --data ({100 * test_fraction:g}%, stratified, seed {seed})"
+        note = (
+            f"{100 * test_fraction:g}% of each class held out of --data with the fixed split "
+            f"seed {SPLIT_SEED} (as the benchmark registry)"
+        )
     return train, val, test, note
 
 
-def _read_path(path, split: str, gray: bool, image_size: int | None, on_error: str) -> Dataset:
+def _read_path(path, split: str, gray: bool, on_error: str) -> Dataset:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"data {str(path)!r} does not exist")
     if path.suffix == ".npz":
         from medp2x.data.npz import NpzDataset
 
-        return NpzDataset(path, split, image_size=image_size)
+        return NpzDataset(path, split)
     if not path.is_dir():
         raise ValueError(f"{path}: expected a class-per-folder directory or a .npz file")
     from medp2x.data.folder import ImageFolderDataset
 
-    return ImageFolderDataset(path, gray=gray, image_size=image_size, on_error=on_error)
+    return ImageFolderDataset(path, gray=gray, on_error=on_error)
 
 
 def run_evaluation(
@@ -982,22 +1135,21 @@ def run_evaluation(
     test_fraction: float = 0.2,
     gray: bool = False,
     on_error: str = "raise",
+    command: str | None = None,
     **compare_kwargs,
 ) -> list[dict]:
-    """Paths in, ``results.md`` / ``results.csv`` out: the CLI's and the evaluation bundles'
-    entry point (``_target_: medp2x.evaluate.run_evaluation``)."""
+    """Paths in, ``results.md`` / ``results.csv`` / ``results.png`` out: the CLI's and the
+    evaluation bundles' entry point (``_target_: medp2x.evaluate.run_evaluation``)."""
     if not isinstance(encoders, Mapping):
         encoders = {_encoder_name(e): e for e in encoders}
-    seed = compare_kwargs.get("seed", 0)
-    image_size = compare_kwargs.get("image_size")
-    train, val, test, note = load_datasets(
-        data, val_data, test_data, test_fraction, gray, image_size, on_error, seed
-    )
+    train, val, test, note = load_datasets(data, val_data, test_data, test_fraction, gray, on_error)
     logger.info("test split: %s", note)
     rows = compare_encoders(encoders, train, test, val, **compare_kwargs)
     for row in rows:
         row["test_source"] = note
-    write_results(rows, out_dir, title=f"Downstream evaluation on {Path(data).name}")
+    write_results(
+        rows, out_dir, title=f"Downstream evaluation on {Path(data).name}", command=command
+    )
     return rows
 
 
@@ -1009,8 +1161,12 @@ def _encoder_name(spec: EncoderSpec) -> str:
 
 __all__ = [
     "PROTOCOLS",
+    "SELECTIONS",
+    "DrawPlan",
     "EvalSettings",
     "Splits",
+    "add_intervals",
+    "check_test_overlap",
     "checkpoint_progress",
     "compare_encoders",
     "convergence_figure",
@@ -1019,6 +1175,7 @@ __all__ = [
     "finetune",
     "fit_logistic",
     "format_accuracy_pivot",
+    "format_differences",
     "format_draws",
     "format_table",
     "knn_scores",
@@ -1026,10 +1183,13 @@ __all__ = [
     "list_checkpoints",
     "load_datasets",
     "low_label_draws",
+    "paired_differences",
+    "plan_draws",
     "prepare_splits",
     "resolve_encoder",
     "run_evaluation",
     "stratified_split",
     "summarize",
+    "training_images",
     "write_results",
 ]

@@ -23,6 +23,7 @@ from medp2x.evaluate import (
     knn_scores,
     linear_probe,
     low_label_draws,
+    plan_draws,
     stratified_split,
     write_results,
 )
@@ -177,11 +178,30 @@ def test_finetune_learns_and_leaves_the_callers_encoder_untouched():
         batch_size=16,
         lr=1e-2,
         progress=False,
+        selection="val",
+        augment=False,  # the class is a band's height, which random crops move
     )
     assert rows[0]["accuracy"] == 1.0
     assert rows[0]["selected"].startswith("epoch=") and rows[0]["val_score"] == 1.0
+    assert rows[0]["n_select"] == 20 and "outside the label budget" in rows[0]["val_source"]
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_default_finetune_trains_fixed_epochs_and_tests_the_final_model():
+    torch.manual_seed(0)
+    (row,) = compare_encoders(
+        {"tiny": TinyEncoder()},
+        SyntheticImages(8, seed=0),
+        SyntheticImages(4, seed=1),
+        SyntheticImages(4, seed=2),  # given, but the paper's protocol selects on nothing
+        protocol="finetune",
+        epochs=2,
+        batch_size=8,
+        progress=False,
+    )
+    assert row["selection"] == "none" and row["selected"] == "epoch=2/2 (fixed)"
+    assert row["n_train"] == 16 and row["n_select"] == 0 and math.isnan(row["val_score"])
 
 
 def test_tiny_comparison_writes_tables(tmp_path):
@@ -198,16 +218,18 @@ def test_tiny_comparison_writes_tables(tmp_path):
         batch_size=8,
         progress=False,
     )
-    # no val given: 10% of each class (1 of 6) carved from train, draws take half of the rest
+    # half of each class (3 of 6) per draw, all of it trained on: no selection by default
     assert len(rows) == 2 * 3 * 2
-    assert {r["n_train"] for r in rows} == {6} and {r["n_val"] for r in rows} == {2}
-    assert rows[0]["val_source"].startswith("carved")
+    assert {r["n_train"] for r in rows} == {6} and {r["n_select"] for r in rows} == {0}
+    assert rows[0]["val_source"].startswith("none")
     for r in rows:
         for m in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
             assert 0.0 <= r[m] <= 1.0
     md, csv_path = write_results(rows, tmp_path)
     text = md.read_text()
     assert "| Tiny" in text and "± " in text and "## Per draw" in text
+    assert "## Paired differences" in text and "Tiny − random" in text  # "random" is the reference
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with csv_path.open() as f:
         table = list(csv.DictReader(f))
     assert len(table) == 12
@@ -217,6 +239,217 @@ def test_tiny_comparison_writes_tables(tmp_path):
     acc = [r["accuracy"] for r in rows if r["encoder"] == "Tiny" and r["protocol"] == "knn"]
     line = next(ln for ln in format_table(rows).splitlines() if "| Tiny" in ln and "knn" in ln)
     assert f"{100 * np.mean(acc):.1f} ± {100 * np.std(acc, ddof=1):.1f}" in line
+
+
+# ----------------------------------------------------------------------------- label budget
+
+
+class TrackedImages(SyntheticImages):
+    """Records which samples were read: what a protocol learned or selected from (labels are
+    read from ``.labels`` without touching samples)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.read = set()
+
+    def __getitem__(self, i):
+        self.read.add(int(i))
+        return super().__getitem__(i)
+
+
+def _assert_within_budget(train: TrackedImages, fraction: float):
+    """The samples read are ``fraction`` of each class, give or take one image."""
+    read = np.array(sorted(train.read))
+    for c in np.unique(train.labels):
+        n_class = int((train.labels == c).sum())
+        assert abs(int((train.labels[read] == c).sum()) - fraction * n_class) <= 1, c
+
+
+def test_a_ten_percent_draw_learns_and_selects_from_ten_percent_of_the_labels():
+    # the union of what fine-tuning and the probe train and select on is the 10% draw; the
+    # old protocol carved a validation set from the whole training set: 19% of the labels
+    torch.manual_seed(0)
+    train = TrackedImages(30, classes=2, size=16, seed=0)
+    compare_encoders(
+        {"tiny": TinyEncoder()},
+        train,
+        SyntheticImages(4, classes=2, size=16, seed=1),
+        protocol=["finetune", "linear"],
+        label_fraction=0.1,
+        draws=1,
+        epochs=1,
+        batch_size=8,
+        progress=False,
+    )
+    assert len(train.read) == 6
+    _assert_within_budget(train, 0.1)
+
+
+def test_selection_inside_the_draw_stays_within_the_draw():
+    torch.manual_seed(0)
+    train = TrackedImages(50, classes=2, size=16, seed=0)
+    rows = compare_encoders(
+        {"tiny": TinyEncoder()},
+        train,
+        SyntheticImages(4, classes=2, size=16, seed=1),
+        protocol=["finetune", "linear"],
+        label_fraction=0.1,
+        draws=1,
+        epochs=2,
+        batch_size=8,
+        progress=False,
+        selection="draw",
+    )
+    _assert_within_budget(train, 0.1)
+    # 5 labels per class: 1 selects (the epoch, the probe strength), 4 train
+    assert {(r["n_train"], r["n_select"]) for r in rows} == {(8, 2)}
+    assert rows[0]["selected"].startswith("epoch=") and "fixed" not in rows[0]["selected"]
+    for plan in plan_draws(LABELS, 0.2, draws=3, seed=1, selection="draw"):
+        draw = np.union1d(plan.fit, plan.select)
+        assert not set(plan.fit) & set(plan.select)
+        assert Counter(LABELS[draw].tolist()) == {0: 10, 1: 6, 2: 1}  # the 20% draw itself
+
+
+# ----------------------------------------------------------------------------- image shape
+
+
+class Recorder(nn.Module):
+    """Keeps what it is shown; mean colour as features."""
+
+    feature_dim = 3
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.detach().clone())
+        return x.mean((2, 3))
+
+
+class Stripes(torch.utils.data.Dataset):
+    """32 x 64 images: left quarter white, middle half gray, right quarter black."""
+
+    labels = np.array([0, 1, 0, 1])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        image = torch.zeros(3, 32, 64)
+        image[..., :16], image[..., 16:48] = 1.0, 0.5
+        return {"image": image, "label": int(self.labels[i]), "meta": {}}
+
+
+def test_evaluation_shows_a_centre_crop_not_a_squashed_image():
+    recorder = Recorder()
+    compare_encoders(
+        {"rec": recorder}, Stripes(), Stripes(), protocol="knn", image_size=16, progress=False
+    )
+    seen = torch.cat(recorder.seen)
+    assert seen.shape[-2:] == (16, 16)
+    # shorter side 32 -> 16 (the image becomes 16 x 32), then the centre 16 columns: the gray
+    # half only. A squash to 16 x 16 would show the white and black quarters too.
+    assert seen.min() > 0.4 and seen.max() < 0.6
+    torch.testing.assert_close(seen[..., 2:-2], torch.full_like(seen[..., 2:-2], 0.5))
+
+
+def test_finetuning_view_crops_each_image_to_the_size_whatever_its_shape():
+    from medp2x.eval.images import TrainCollate, training_view
+
+    torch.manual_seed(0)
+    samples = [
+        {"image": torch.rand(3, 20, 50), "label": 0},
+        {"image": torch.rand(3, 40, 30), "label": 1},
+    ]
+    images, labels = TrainCollate(16)(samples)
+    assert images.shape == (2, 3, 16, 16) and labels.tolist() == [0, 1]
+    # a left-to-right ramp: crops keep its direction, or reverse it when flipped
+    ramp = torch.linspace(0, 1, 12).repeat(3, 9, 1)
+    rows = [training_view(ramp, 12, crop_scale=0.5)[0, 0] for _ in range(20)]
+    assert {bool(r[0] < r[-1]) for r in rows} == {True, False}
+
+
+# ----------------------------------------------------------------------------- intervals
+
+
+def test_paired_bootstrap_known_answers():
+    from medp2x.eval.paired import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    a = rng.random((3, 300)) < 0.7
+    same = paired_bootstrap(a, a, labels, n_boot=500)
+    assert all((i.estimate, i.low, i.high) == (0.0, 0.0, 0.0) for i in same.values())
+    assert not same["accuracy"].excludes_zero
+    right, wrong = np.ones((3, 300), bool), np.zeros((3, 300), bool)
+    full = paired_bootstrap(right, wrong, labels, n_boot=500)
+    assert all((i.estimate, i.low, i.high) == (1.0, 1.0, 1.0) for i in full.values())
+    # A right on 30 images where B is wrong, equal elsewhere: +10 points, interval around it
+    b = a.copy()
+    b[:, :30] = False
+    a[:, :30] = True
+    diff = paired_bootstrap(a, b, labels, n_boot=2000, seed=1)["accuracy"]
+    assert diff.estimate == pytest.approx(0.1) and 0.0 < diff.low < 0.1 < diff.high < 0.2
+    assert diff.excludes_zero
+    # balanced accuracy: A right on all of class 0 only, B never right -> 1/3 per draw
+    only0 = np.broadcast_to(labels == 0, (3, 300))
+    assert paired_bootstrap(only0, wrong, labels)["balanced_accuracy"].estimate == pytest.approx(
+        1 / 3
+    )
+
+
+def test_differences_are_paired_reproducible_and_in_the_csv(tmp_path):
+    train, test = SyntheticImages(10, size=16, seed=0), SyntheticImages(10, size=16, seed=1)
+    test.images = torch.rand(test.images.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(seed):  # noise test images: near-chance scores that differ between encoders
+        torch.manual_seed(0)
+        return compare_encoders(
+            {"A": TinyEncoder(), "B": TinyEncoder()},
+            train,
+            test,
+            protocol="knn",
+            label_fraction=0.5,
+            draws=2,
+            seed=seed,
+            progress=False,
+            reference="B",
+            bootstrap=300,
+        )
+
+    first, again, other = run(0), run(0), run(1)
+
+    def numbers(rows):
+        """Everything but the timing; NaN as text so that equal rows compare equal."""
+        nan = lambda v: isinstance(v, float) and math.isnan(v)  # noqa: E731
+        return [{k: "nan" if nan(v) else v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert numbers(first) == numbers(again)  # same seed, same numbers
+    low = "accuracy_diff_vs_B_low"
+    assert [r.get(low) for r in first] != [r.get(low) for r in other]
+    rows_a = [r for r in first if r["encoder"] == "A" and r["protocol"] == "knn"]
+    rows_b = [r for r in first if r["encoder"] == "B" and r["protocol"] == "knn"]
+    expected = np.mean(
+        [ra["accuracy"] - rb["accuracy"] for ra, rb in zip(rows_a, rows_b, strict=True)]
+    )
+    assert rows_a[0]["accuracy_diff_vs_B"] == pytest.approx(expected)
+    assert rows_a[0]["accuracy_diff_vs_B_low"] <= expected <= rows_a[0]["accuracy_diff_vs_B_high"]
+    assert "accuracy_diff_vs_B" not in rows_b[0]  # no difference of B against itself
+    _, csv_path = write_results(first, tmp_path)
+    with csv_path.open() as f:
+        table = list(csv.DictReader(f))
+    for col in (
+        "accuracy_diff_vs_B",
+        "accuracy_diff_vs_B_low",
+        "accuracy_diff_vs_B_high",
+        "accuracy_diff_vs_B_excludes_0",
+        "balanced_accuracy_diff_vs_B",
+        "accuracy_low",
+    ):
+        assert col in table[0], col
+    text = (tmp_path / "results.md").read_text()
+    assert "A − B" in text and "Intervals" in text and "seeds 0, 1" in text
 
 
 def _save_engine_checkpoint(path: Path, encoder: nn.Module, iteration: int, epoch_length: int):
@@ -371,8 +604,8 @@ def test_cli_on_image_folder(tmp_path):
     assert cli.main(argv) == 0
     with (out / "results.csv").open() as f:
         (row,) = list(csv.DictReader(f))
-    # per class: 2 of 8 held out for test, 1 of the remaining 6 carved for validation
-    assert row["n_test"] == "4" and row["n_val"] == "2" and row["n_train"] == "10"
+    # per class: 2 of 8 held out for test (the fixed split), all the other 6 trained on
+    assert row["n_test"] == "4" and row["n_select"] == "0" and row["n_train"] == "12"
 
 
 def test_path_encoder_loads_through_checkpoints(tmp_path):

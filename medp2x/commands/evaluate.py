@@ -6,15 +6,19 @@ Examples::
         --name Random --name P2X --protocol finetune --label-fraction --draws 3 --out results/
     medp2x evaluate --data pneumoniamnist.npz --series P1X=runs/p1x --series P2X=runs/p2x \\
         --protocol linear --image-size 64 --out figs/
+
+The test split belongs to the dataset (--test-data, the .npz test split, or a fixed held-out
+split), never to --seed; an encoder whose pretraining run saw a test image is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 from pathlib import Path
 
-from medp2x.evaluate import NORMALIZATIONS, PROTOCOLS
+from medp2x.evaluate import NORMALIZATIONS, PROTOCOLS, SELECTIONS
 from medp2x.metrics import METRICS
 
 
@@ -29,16 +33,14 @@ def register(subparsers) -> None:
     data.add_argument("--data", required=True, help="class-per-folder image set or MedMNIST .npz")
     data.add_argument(
         "--val-data",
-        help="validation set (default: the .npz 'val' split, else "
-        "a stratified --val-fraction carved from the training data)",
+        help="validation set for --selection val (default: the .npz 'val' split)",
     )
     data.add_argument(
         "--test-data",
-        help="test set (default: the .npz 'test' split, else a "
-        "stratified --test-fraction held out from --data)",
+        help="test set (default: the .npz 'test' split, else a stratified --test-fraction of "
+        "each class held out from --data with the registry's fixed split seed)",
     )
     data.add_argument("--test-fraction", type=float, default=0.2)
-    data.add_argument("--val-fraction", type=float, default=0.1)
     data.add_argument("--gray", action="store_true", help="read folder images as one channel")
     data.add_argument("--on-error", choices=("raise", "skip"), default="raise")
 
@@ -52,6 +54,18 @@ def register(subparsers) -> None:
         "RGB histogram), 'tiny_image' (4 x 4 pixels); repeatable",
     )
     enc.add_argument("--name", action="append", default=[], help="display name per --encoder")
+    enc.add_argument(
+        "--reference",
+        action="append",
+        metavar="NAME",
+        help="encoder (display name) every other one's paired difference is taken against "
+        "(repeatable; default: the 'random' encoder, else the first)",
+    )
+    enc.add_argument(
+        "--allow-test-overlap",
+        action="store_true",
+        help="score an encoder whose pretraining run saw test images (the table says so)",
+    )
     enc.add_argument(
         "--series",
         action="append",
@@ -90,11 +104,40 @@ def register(subparsers) -> None:
     )
     proto.add_argument("--draws", type=int, help="label draws (default 3 with a fraction < 1)")
     proto.add_argument("--disjoint", action="store_true", help="draws share no sample")
-    proto.add_argument("--image-size", type=int, help="resize images to S x S")
+    proto.add_argument(
+        "--selection",
+        choices=SELECTIONS,
+        default="none",
+        help="none: fixed epochs / probe strength, the final model (the paper's); draw: select "
+        "on --val-fraction of each draw, train on the rest; val: select on --val-data",
+    )
+    proto.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="--selection draw: fraction of each draw held out for selection",
+    )
+    proto.add_argument(
+        "--image-size",
+        type=int,
+        help="S: shorter side resized to S, centre S x S crop (fine-tuning: random-resized "
+        "crops of S x S)",
+    )
+    proto.add_argument(
+        "--crop-scale",
+        type=float,
+        default=0.08,
+        help="fine-tuning random-resized crop: smallest area fraction",
+    )
     proto.add_argument("--epochs", type=int, default=20, help="fine-tuning epochs")
     proto.add_argument("--batch-size", type=int, default=64)
     proto.add_argument("--lr", type=float, default=3e-4, help="fine-tuning Adam learning rate")
     proto.add_argument("--weight-decay", type=float, default=1e-4, help="fine-tuning weight decay")
+    proto.add_argument(
+        "--linear-weight-decay",
+        type=float,
+        help="linear probe L2 strength without selection (default 1/n: sklearn's C = 1)",
+    )
     proto.add_argument("--knn-k", type=int, default=20)
     proto.add_argument("--knn-temperature", type=float, default=0.07)
     proto.add_argument(
@@ -108,13 +151,26 @@ def register(subparsers) -> None:
         "--select-metric",
         choices=METRICS,
         default="accuracy",
-        help="validation metric choosing the epoch / probe strength",
+        help="metric choosing the epoch / probe strength (--selection draw or val)",
+    )
+    proto.add_argument(
+        "--bootstrap",
+        type=int,
+        default=2000,
+        help="bootstrap resamples of the intervals (0: none)",
     )
 
     run = p.add_argument_group("run")
-    run.add_argument("--out", required=True, help="output folder (results.md, results.csv)")
+    run.add_argument(
+        "--out", required=True, help="output folder (results.md, results.csv, results.png)"
+    )
     run.add_argument("--device", default="cpu")
-    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="label draws, fine-tuning and bootstrap (never the test split)",
+    )
     run.add_argument("--num-workers", type=int, default=0)
     run.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=main)
@@ -123,6 +179,7 @@ def register(subparsers) -> None:
 def main(args: argparse.Namespace) -> int:
     from medp2x.evaluate import (
         convergence_figure,
+        format_differences,
         format_table,
         load_datasets,
         run_evaluation,
@@ -135,6 +192,7 @@ def main(args: argparse.Namespace) -> int:
     if len(args.name) > len(args.encoder):
         raise ValueError(f"{len(args.name)} --name for {len(args.encoder)} --encoder")
     draws = args.draws or (3 if args.label_fraction < 1.0 else 1)
+    command = "medp2x " + shlex.join(getattr(args, "argv", None) or ["evaluate", "..."])
     kwargs = dict(
         protocol=args.protocol or ["linear"],
         label_fraction=args.label_fraction,
@@ -145,17 +203,22 @@ def main(args: argparse.Namespace) -> int:
         device=args.device,
         seed=args.seed,
         progress=not args.no_progress,
+        selection=args.selection,
         disjoint=args.disjoint,
         val_fraction=args.val_fraction,
         image_size=args.image_size,
+        crop_scale=args.crop_scale,
         arch=args.arch,
         normalization=args.normalization,
         weight_decay=args.weight_decay,
+        linear_weight_decay=args.linear_weight_decay,
         knn_k=args.knn_k,
         knn_temperature=args.knn_temperature,
         select_metric=args.select_metric,
         num_workers=args.num_workers,
         bn_stats=args.bn_stats,
+        bootstrap=args.bootstrap,
+        allow_test_overlap=args.allow_test_overlap,
     )
     out = Path(args.out)
     if args.encoder:
@@ -168,20 +231,18 @@ def main(args: argparse.Namespace) -> int:
             test_fraction=args.test_fraction,
             gray=args.gray,
             on_error=args.on_error,
+            command=command,
+            reference=args.reference or "auto",
             **kwargs,
         )
         print(format_table(rows))
-        print(f"\nwrote {out / 'results.md'} and {out / 'results.csv'}")
+        differences = format_differences(rows)
+        if differences:
+            print(f"\nPaired differences (* : 95% interval excludes 0)\n{differences}")
+        print(f"\nwrote {out / 'results.md'}, {out / 'results.csv'} and {out / 'results.png'}")
     if args.series:
-        train, val, test, _ = load_datasets(
-            args.data,
-            args.val_data,
-            args.test_data,
-            args.test_fraction,
-            args.gray,
-            args.image_size,
-            args.on_error,
-            args.seed,
+        train, val, test, note = load_datasets(
+            args.data, args.val_data, args.test_data, args.test_fraction, args.gray, args.on_error
         )
         protocol = kwargs.pop("protocol")
         if len(protocol) != 1:
@@ -194,11 +255,21 @@ def main(args: argparse.Namespace) -> int:
             val=val,
             protocol=protocol[0],
             x=args.x,
+            reference=None,
             **kwargs,
         )
-        write_results(rows, out / "convergence", title="Downstream accuracy per checkpoint")
+        for row in rows:
+            row["test_source"] = note
+        md, _ = write_results(
+            rows,
+            out,
+            title="Downstream accuracy per pretraining checkpoint",
+            command=command,
+            stem="convergence_results",
+            figure=False,
+        )
         print(format_table(rows))
-        print(f"\nwrote {png} and {csv_path}")
+        print(f"\nwrote {png}, {csv_path} and {md}")
     return 0
 
 
