@@ -241,6 +241,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     from medp2x.checkpoints import save_encoder, torch_load_safe
     from medp2x.methods import build_method
     from medp2x.optim import build_optimizer
+    from medp2x.provenance import record_seen_files
     from medp2x.surgery import SurgeryHandler
     from medp2x.views import build_views
 
@@ -406,6 +407,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     if idist.get_rank() == 0:
         save_encoder(encoder_path, method.encoder.state_dict(), **meta)
         write_run_config(out, cfg, meta, recipe)
+        record_seen_files(out, cfg.dataset, cfg.ssl_checkpoint)  # no test image pretrained on
     losses = read_loss_log(out)
     if idist.get_rank() == 0 and losses:
         from medp2x.plots import plot_loss_curve
