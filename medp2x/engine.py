@@ -15,26 +15,24 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
 import torch
-import torch.nn.functional as F
 from ignite.engine import DeterministicEngine, Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
 from torch.utils.data import Dataset, DistributedSampler
 
 from medp2x import __version__
+from medp2x.data.collate import ImageBatch, PretrainCollate
 from medp2x.monitor import CollapseMonitor
 from medp2x.networks import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Normalize,
     build_encoder,
-    match_channels,
     strided_convs_on_one_pixel,
 )
 
@@ -53,9 +51,9 @@ class PretrainConfig:
     profile: str = "tiny"
     arch: str | None = None
     image_size: int | None = None
-    # Side the images are resized to before the views crop from them (None: the large crop
-    # size). Larger than image_size keeps the detail that a crop enlarges, as a
-    # RandomResizedCrop of the original image does: small-resolution pretraining (S3L).
+    # Shorter-side cap of the images the views crop from (aspect kept, never enlarged; None:
+    # the profile's multiple of the crop, views.default_source_size). Crops come from each
+    # image at its own resolution, as a RandomResizedCrop of the original image does.
     source_size: int | None = None
     batch_size: int | None = None
     epochs: int | None = None
@@ -110,29 +108,11 @@ class RunMeta:
         self.meta.update(state)
 
 
-def collate_images(size: int, channels: int) -> Callable[[Sequence[dict]], torch.Tensor]:
-    """Stack sample images into one batch, resizing and matching channels where they differ.
-
-    Resizing here keeps readers free of training decisions; the views crop from this size.
-    """
-
-    def collate(samples: Sequence[dict]) -> torch.Tensor:
-        images = []
-        for sample in samples:
-            image = sample["image"] if isinstance(sample, dict) else sample
-            image = match_channels(image, channels)
-            if image.shape[-2:] != (size, size):
-                image = F.interpolate(
-                    image[None],
-                    size=(size, size),
-                    mode="bilinear",
-                    antialias=True,
-                    align_corners=False,
-                )[0]
-            images.append(image)
-        return torch.stack(images).clamp_(0, 1)
-
-    return collate
+def collate_images(source_size: int, channels: int) -> PretrainCollate:
+    """Batch samples at their own sizes, each capped at ``source_size`` on its shorter side,
+    with the encoder's channels: an ``ImageBatch`` (padded, with every image's (h, w)) whose
+    views crop each image inside its own pixels (``medp2x.data.collate``)."""
+    return PretrainCollate(source_size, channels)
 
 
 def resolve_normalization(cfg: PretrainConfig, report: Any) -> dict | None:
@@ -243,7 +223,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     from medp2x.optim import build_optimizer
     from medp2x.provenance import record_seen_files
     from medp2x.surgery import SurgeryHandler
-    from medp2x.views import build_views
+    from medp2x.views import build_views, source_size_for
 
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
@@ -285,7 +265,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.num_workers,
-        collate_fn=collate_images(cfg.source_size or recipe.views.large_size, channels),
+        collate_fn=collate_images(source_size_for(recipe, cfg.source_size), channels),
         persistent_workers=cfg.num_workers > 0,
     )
     if len(loader) == 0:
@@ -298,7 +278,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     )
     total_iterations = epochs * len(loader)
 
-    def training_step(engine: Engine, images: torch.Tensor) -> dict[str, float]:
+    def training_step(engine: Engine, images: ImageBatch) -> dict[str, float]:
         model.train()
         images = images.to(device, non_blocking=True)
         with torch.no_grad():
@@ -350,7 +330,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         "method": cfg.method,
         "arch": arch,
         "image_size": recipe.views.large_size,
-        "source_size": cfg.source_size or recipe.views.large_size,
+        "source_size": source_size_for(recipe, cfg.source_size),
         "global_batch_size": batch_size * idist.get_world_size(),
         "epochs": epochs,
         "iterations_per_epoch": len(loader),

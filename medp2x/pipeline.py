@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 
 logger = logging.getLogger("medp2x.pipeline")
 
+# make_dataset(data_dir, source_size): images at their own resolution, shorter side capped at
+# source_size (readers: image_size=source_size, resize="cap"); the views crop from them.
 DatasetFactory = Callable[[Path, int], Dataset]
 
 
@@ -37,6 +39,7 @@ class P2XJob:
     profile: str = "tiny"
     arch: str | None = None
     image_size: int | None = None
+    source_size: int | None = None  # shorter-side cap of the images (None: 2-2.3x image_size)
     batch_size: int | None = None
     epochs: int | None = None
     lr: float | None = None
@@ -69,6 +72,7 @@ class P2XJob:
     def _run(self) -> dict:
         from medp2x.engine import PretrainConfig, pretrain
         from medp2x.methods import recipe_for
+        from medp2x.views import default_source_size
 
         started = time.time()
         out = Path(self.output_dir)
@@ -77,7 +81,8 @@ class P2XJob:
         first_stage = self._first_stage(out, demo)
         recipe = recipe_for(self.method, self.profile)
         image_size = self.image_size or recipe.image_size
-        dataset = self.make_dataset(data_dir, image_size)
+        source_size = self.source_size or default_source_size(image_size, self.profile)
+        dataset = self.make_dataset(data_dir, source_size)
         print(
             f"[2-3/4] {self.schedule.upper()} {self.method} pretraining on {len(dataset)} samples from {data_dir}"
         )
@@ -89,6 +94,7 @@ class P2XJob:
                 profile=self.profile,
                 arch=self.arch,
                 image_size=image_size,
+                source_size=source_size,
                 batch_size=self.batch_size,
                 epochs=self.epochs or (self.demo_epochs if demo else None),
                 lr=self.lr,

@@ -12,6 +12,12 @@ Design: ``BatchAugment.plan`` draws every random parameter on the CPU (small vec
 CPU ``torch.Generator``: no device syncs, and the same seed gives the same views on any
 device); ``BatchAugment.__call__`` applies them: one ``roi_align`` call crops and resizes all
 views of one size, then each photometric op runs on the rows that drew it.
+
+Crops come from the images at their own resolution, as a RandomResizedCrop of the decoded
+photograph does in the originals: a batch of differently sized images arrives padded, with
+each image's (h, w) (``medp2x.data.collate.ImageBatch``), and every row's box is drawn inside
+its own image. The images are only capped at ``source_size`` on their shorter side
+(``default_source_size``: about twice the crop), never squashed to the crop size.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torchvision.ops import roi_align
+
+from medp2x.data.collate import ImageBatch
 
 MODALITIES = ("rgb", "gray")
 JITTER_OPS = ("brightness", "contrast", "saturation", "hue", "gamma")
@@ -226,16 +234,20 @@ def _bernoulli(p: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
 
 def sample_crop_boxes(
     n: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     g: torch.Generator | None = None,
     attempts: int = 10,
 ) -> torch.Tensor:
     """RandomResizedCrop's box sampler (10 tries, then a central crop), for n rows at once.
-    Returns n×4 float boxes (x1, y1, x2, y2) on integer pixel edges."""
-    area = height * width
+    ``height`` and ``width`` are the image's, or one per row (a padded batch of images of
+    different sizes: each row's box lies inside its own image and follows its own area and
+    aspect). Returns n×4 float boxes (x1, y1, x2, y2) on integer pixel edges."""
+    height = torch.as_tensor(height, dtype=torch.float32).expand(n)
+    width = torch.as_tensor(width, dtype=torch.float32).expand(n)
+    area = (height * width).view(-1, 1)
     target = area * (scale[0] + (scale[1] - scale[0]) * torch.rand(n, attempts, generator=g))
     log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(
         n, attempts, generator=g
@@ -243,25 +255,29 @@ def sample_crop_boxes(
     aspect = torch.exp(log_r)
     w = torch.round(torch.sqrt(target * aspect))
     h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= width.view(-1, 1)) & (h > 0) & (h <= height.view(-1, 1))
     first = ok.to(torch.int8).argmax(1, keepdim=True)
     w, h, found = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], ok.any(1)
     fb_w, fb_h = _fallback_crop(height, width, ratio)
-    w = torch.where(found, w, torch.full_like(w, fb_w))
-    h = torch.where(found, h, torch.full_like(h, fb_h))
+    w, h = torch.where(found, w, fb_w), torch.where(found, h, fb_h)
     u = torch.rand(n, 2, generator=g)
     top = torch.where(found, torch.floor(u[:, 0] * (height - h + 1)), (height - h) // 2)
     left = torch.where(found, torch.floor(u[:, 1] * (width - w + 1)), (width - w) // 2)
     return torch.stack([left, top, left + w, top + h], 1)
 
 
-def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float]:
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        return float(width), float(round(width / min(ratio)))
-    if in_ratio > max(ratio):
-        return float(round(height * max(ratio))), float(height)
-    return float(width), float(height)
+def _fallback_crop(
+    height: torch.Tensor, width: torch.Tensor, ratio: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's fallback box size per row: the whole image, or its largest central
+    crop within the ratio range (in float64, rounded half to even as its ``round``)."""
+    h, w = height.double(), width.double()
+    lo, hi = min(ratio), max(ratio)
+    in_ratio = w / h
+    too_tall, too_wide = in_ratio < lo, in_ratio > hi
+    fb_w = torch.where(too_wide, torch.round(h * hi), w)
+    fb_h = torch.where(too_tall, torch.round(w / lo), h)
+    return fb_w.float(), fb_h.float()
 
 
 @dataclass
@@ -282,6 +298,13 @@ class GroupPlan:
     sigma: torch.Tensor | None = None
     solarize: torch.Tensor | None = None
     threshold: torch.Tensor | None = None
+
+
+def _row_sizes(size: int | torch.Tensor, batch_index: torch.Tensor) -> int | torch.Tensor:
+    """One image side for all rows, or each row's image's side (views × batch rows)."""
+    if isinstance(size, torch.Tensor) and size.ndim > 0:
+        return size[batch_index]
+    return size
 
 
 def _per_row(augs: Sequence[ViewAugment], name: str, batch: int) -> torch.Tensor:
@@ -309,19 +332,23 @@ def sample_group(
     views: list[int],
     size: int,
     batch: int,
-    height: int,
-    width: int,
+    height: int | torch.Tensor,
+    width: int | torch.Tensor,
     scale: tuple[float, float],
     ratio: tuple[float, float],
     g: torch.Generator | None,
 ) -> GroupPlan:
-    """Every random parameter of one group, drawn in a fixed order (seeded runs repeat)."""
+    """Every random parameter of one group, drawn in a fixed order (seeded runs repeat).
+    ``height``/``width``: the images' size, or one per image (length ``batch``)."""
     n = len(augs) * batch
+    batch_index = torch.arange(n) % batch
     plan = GroupPlan(
         size=size,
         views=views,
-        batch_index=torch.arange(n) % batch,
-        boxes=sample_crop_boxes(n, height, width, scale, ratio, g),
+        batch_index=batch_index,
+        boxes=sample_crop_boxes(
+            n, _row_sizes(height, batch_index), _row_sizes(width, batch_index), scale, ratio, g
+        ),
         flip=_bernoulli(_per_row(augs, "flip_p", batch), g),
     )
     _sample_jitter(plan, augs, batch, g)
@@ -352,9 +379,21 @@ def _apply_rows(
     return x.index_copy_(0, idx_dev, sub)
 
 
+def _image_sizes(sizes: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image heights and widths of a padded batch, checked against its tensor."""
+    sizes = sizes.to("cpu", torch.int64)
+    if sizes.shape != (shape[0], 2):
+        raise ValueError(f"sizes must be {shape[0]}×2 (h, w per image), got {tuple(sizes.shape)}")
+    if (sizes < 1).any() or (sizes[:, 0] > shape[-2]).any() or (sizes[:, 1] > shape[-1]).any():
+        raise ValueError(f"image sizes {sizes.tolist()} do not fit the {tuple(shape[-2:])} batch")
+    return sizes[:, 0], sizes[:, 1]
+
+
 class BatchAugment:
     """Callable: ``augment(images B×C×H×W in [0, 1]) -> list of views`` in [0, 1], large crops
     first. Every sample of every view draws its own crop, flip, jitter, blur and solarize.
+    ``images`` may also be an ``ImageBatch`` (``medp2x.data.collate``) of images of their own
+    sizes: each crop is then drawn within its own image, at that image's resolution.
 
     ``generator``: a CPU ``torch.Generator`` for reproducible views (default: torch's global
     RNG, which Ignite/``manual_seed`` seeds). ``modality="gray"`` keeps channels independent
@@ -401,9 +440,14 @@ class BatchAugment:
         return groups
 
     def plan(
-        self, batch: int, height: int, width: int, generator: torch.Generator | None = None
+        self,
+        batch: int,
+        height: int | torch.Tensor,
+        width: int | torch.Tensor,
+        generator: torch.Generator | None = None,
     ) -> list[GroupPlan]:
-        """Draw the random parameters of all views for a batch of height×width images."""
+        """Draw the random parameters of all views for a batch of height×width images, or of
+        images of their own sizes (``height``/``width``: one per image, a padded batch)."""
         g = generator if generator is not None else self.generator
         return [
             sample_group(
@@ -413,10 +457,15 @@ class BatchAugment:
         ]
 
     def __call__(
-        self, images: torch.Tensor, generator: torch.Generator | None = None
+        self, images: torch.Tensor | ImageBatch, generator: torch.Generator | None = None
     ) -> list[torch.Tensor]:
-        images = self._prepare(images)
+        """Views of ``images``: a B×C×H×W tensor, or an ``ImageBatch`` of images of their own
+        sizes (each row cropped inside its own image, never from the padding)."""
+        sizes = images.sizes if isinstance(images, ImageBatch) else None
+        images = self._prepare(images.pixels if isinstance(images, ImageBatch) else images)
         batch, _, height, width = images.shape
+        if sizes is not None:
+            height, width = _image_sizes(sizes, images.shape)
         out: list[torch.Tensor | None] = [None] * len(self.views)
         with torch.no_grad(), torch.autocast(images.device.type, enabled=False):
             for plan in self.plan(batch, height, width, generator):
@@ -465,6 +514,32 @@ class BatchAugment:
         x = _apply_rows(x, plan.blur, lambda t, s: gaussian_blur(t, s, k), plan.sigma)
         x = _apply_rows(x, plan.solarize, solarize, plan.threshold)
         return x.clamp_(0.0, 1.0)
+
+
+# Shorter-side cap of the pretraining sources, as a multiple of the large crop (docs/augmentations.md):
+# enough that a 0.08-area crop is enlarged at most ~1.6x (3.5x from a copy at the crop size),
+# close to what the originals' 224 px crops saw in ImageNet's ~500 x 375 photographs, and small
+# enough to keep decoding, transfer and roi_align costs down. The CPU-sized profile uses 2x.
+SOURCE_SIZE_FACTORS = {"tiny": 2.0, "full": 16 / 7}  # full: 512 px sources for 224 px crops
+
+
+def default_source_size(crop_size: int, profile: str) -> int:
+    """The profile's ``source_size`` for ``crop_size`` crops, rounded up to 16 pixels."""
+    if profile not in SOURCE_SIZE_FACTORS:
+        raise ValueError(
+            f"unknown profile {profile!r}; choose one of {', '.join(SOURCE_SIZE_FACTORS)}"
+        )
+    return 16 * math.ceil(crop_size * SOURCE_SIZE_FACTORS[profile] / 16)
+
+
+def source_size_for(recipe: Any, requested: int | None = None) -> int:
+    """The shorter-side cap of the images the views crop from: ``requested`` (a user's
+    ``source_size``), else the recipe profile's default for its large crops."""
+    if requested is None:
+        return default_source_size(int(recipe.views.large_size), recipe.profile)
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise ValueError(f"source_size must be a positive number of pixels, not {requested!r}")
+    return requested
 
 
 def build_views(

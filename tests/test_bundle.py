@@ -103,6 +103,7 @@ def test_bundle_runs_on_user_data_with_overrides_only(tmp_path):
         "--output_dir", str(out), "--arch", "resnet18", "--image_size", "32", "--batch_size", "4",
         "--epochs", "1", "--max_iterations", "3", "--eval_epochs", "2",
         "--checkpoint_every", "1", "--keep_checkpoints", "0",
+        "--source_size", "48",  # 48 px tiles (15 with tissue: 3 batches), 32 px crops of them
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "cannot be downloaded" not in result.stdout  # no demo stand-in on real data

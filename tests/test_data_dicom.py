@@ -404,3 +404,16 @@ def test_index_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_dicom(first, ramp(8, 8))  # changed on disk: read again
     assert DicomDataset(tmp_path, index_cache=cache).infos[0].rows == 8
+
+
+def test_pretraining_frames_keep_their_aspect_capped_on_the_shorter_side(tmp_path):
+    """A 32 x 48 frame capped at 16 is 16 x 24 (aspect kept, antialiased); under the cap it
+    is the stored frame, pixel for pixel."""
+    import torchvision.transforms.v2.functional as TF
+
+    path = write_dicom(tmp_path / "a.dcm", ramp(32, 48))
+    stored = DicomDataset(path)[0]["image"]
+    capped = DicomDataset(path, image_size=16, resize="cap")[0]
+    assert capped["image"].shape == (1, 16, 24) and capped["meta"]["height"] == 32
+    assert torch.allclose(capped["image"], TF.resize(stored, [16], antialias=True), atol=1e-6)
+    assert torch.equal(DicomDataset(path, image_size=64, resize="cap")[0]["image"], stored)

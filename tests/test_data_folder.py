@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from medp2x.data.base import UnreadableFileError
@@ -166,3 +167,53 @@ def test_csv_manifest_integer_labels_root_and_no_label_column(tmp_path):
     (elsewhere / "bad.csv").write_text("file,label\na.png,1\n")
     with pytest.raises(ValueError, match="'path' column"):
         CSVManifestDataset(elsewhere / "bad.csv")
+
+
+# ---------------------------------------------------------------------- sizes (issue #14, item 2)
+def stripes_and_ramp(h: int, w: int) -> np.ndarray:
+    """Known content: 10-px vertical colour stripes in red, a vertical ramp in green."""
+    image = np.zeros((h, w, 3), np.uint8)
+    image[..., 0] = np.where((np.arange(w) // 10) % 2 == 0, 255, 0)[None, :]
+    image[..., 1] = np.linspace(0, 255, h).astype(np.uint8)[:, None]
+    return image
+
+
+def test_pretraining_sources_keep_their_aspect_capped_on_the_shorter_side(tmp_path):
+    """A 300 x 150 (W x H) image capped at 100: 200 x 100, the same content as torchvision's
+    shorter-side resize of the decoded image; an image already under the cap is untouched."""
+    Image.fromarray(stripes_and_ramp(150, 300)).save(tmp_path / "wide.png")
+    Image.fromarray(stripes_and_ramp(40, 60)).save(tmp_path / "small.png")
+    full = {p: ImageFolderDataset(tmp_path)[i]["image"] for i, p in enumerate(("small", "wide"))}
+    capped = ImageFolderDataset(tmp_path, image_size=100, resize="cap")
+    small, wide = capped[0], capped[1]
+    assert wide["image"].shape == (3, 100, 200)
+    assert (wide["meta"]["height"], wide["meta"]["width"]) == (150, 300)  # as stored
+    reference = TF.resize(full["wide"], [100], antialias=True)
+    assert torch.allclose(wide["image"], reference, atol=1e-6)
+    assert torch.equal(small["image"], full["small"])  # never enlarged
+    # the other modes: shorter side exactly N (evaluation), or the square of old
+    shorter = ImageFolderDataset(tmp_path, image_size=100, resize="shorter")
+    assert shorter[0]["image"].shape == (3, 100, 150)  # enlarged: evaluation's fixed scale
+    assert shorter[1]["image"].shape == (3, 100, 200)
+    assert ImageFolderDataset(tmp_path, image_size=100)[1]["image"].shape == (3, 100, 100)
+    with pytest.raises(ValueError, match="resize must be one of"):
+        ImageFolderDataset(tmp_path, image_size=100, resize="crop")
+
+
+def test_an_extreme_aspect_is_also_capped_on_the_longer_side(tmp_path):
+    """A padded batch is as large as its widest and tallest images: the longer side of a
+    pretraining source is held to twice the cap as well."""
+    Image.fromarray(stripes_and_ramp(60, 600)).save(tmp_path / "panorama.png")
+    image = ImageFolderDataset(tmp_path, image_size=50, resize="cap")[0]["image"]
+    assert image.shape == (3, 10, 100)
+
+
+def test_large_jpegs_are_decoded_at_a_reduced_scale_that_still_covers_the_cap(tmp_path):
+    Image.fromarray(stripes_and_ramp(400, 640)).resize((1280, 800)).save(
+        tmp_path / "big.jpg", quality=95
+    )
+    sample = ImageFolderDataset(tmp_path, image_size=100, resize="cap")[0]
+    assert sample["image"].shape == (3, 100, 160)
+    assert (sample["meta"]["height"], sample["meta"]["width"]) == (800, 1280)
+    whole = TF.resize(ImageFolderDataset(tmp_path)[0]["image"], [100], antialias=True)
+    assert (sample["image"] - whole).abs().mean() < 0.03  # DCT-scaled decode: the same image

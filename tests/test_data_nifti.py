@@ -316,3 +316,18 @@ def test_file_removed_after_indexing_is_skipped_at_load(tmp_path):
     (tmp_path / "b.nii").write_bytes(b"")
     with pytest.raises(UnreadableFileError, match="b.nii: empty file"):
         strict[0]
+
+
+def test_pretraining_slices_keep_their_aspect_capped_on_the_shorter_side(tmp_path):
+    """Axial slices of a 20 x 24 in-plane volume are 24 x 20 (rows x columns); capped at 10
+    they are 12 x 10; under the cap they are the slice itself."""
+    import torchvision.transforms.v2.functional as TF
+
+    path = save(tmp_path / "p.nii", pyramid())
+    kwargs = dict(min_foreground=0.0, foreground="nonzero")
+    stored = NiftiSliceDataset(path, **kwargs)[8]["image"]
+    capped = NiftiSliceDataset(path, image_size=10, resize="cap", **kwargs)[8]["image"]
+    assert stored.shape == (1, 24, 20) and capped.shape == (1, 12, 10)
+    assert torch.allclose(capped, TF.resize(stored, [10], antialias=True), atol=1e-6)
+    same = NiftiSliceDataset(path, image_size=32, resize="cap", **kwargs)[8]["image"]
+    assert torch.equal(same, stored)

@@ -185,22 +185,23 @@ def test_normalization_override_and_bf16_are_recorded(tmp_path):
 
 
 def test_views_crop_from_the_source_size_not_the_crop_size(tmp_path, monkeypatch):
-    """source_size: small-resolution pretraining crops the full-resolution images (a crop of a
-    quarter of the image keeps its detail instead of being upscaled from a shrunk copy)."""
+    """source_size caps the images the views crop from (shorter side, never enlarged); by
+    default it is the profile's multiple of the crop, so a crop keeps the image's detail
+    instead of being enlarged from a copy shrunk to the crop size."""
     import medp2x.views as views
 
     seen = []
     original = views.BatchAugment.__call__
 
     def record(self, images, generator=None):
-        seen.append(tuple(images.shape[-2:]))
+        seen.append(tuple(images.pixels.shape[-2:]))
         return original(self, images, generator)
 
     monkeypatch.setattr(views.BatchAugment, "__call__", record)
-    pretrain(tiny_config(tmp_path, "src", image_size=16, source_size=32, max_iterations=1))
+    pretrain(tiny_config(tmp_path, "src", image_size=16, source_size=24, max_iterations=1))
     pretrain(tiny_config(tmp_path, "crop", image_size=16, max_iterations=1))
-    assert seen == [(32, 32), (16, 16)]
-    with pytest.raises(ValueError, match=r"source_size 32 there, 16 now"):
+    assert seen == [(24, 24), (32, 32)]  # 32 px Blobs: capped at 24; tiny default 2 x 16
+    with pytest.raises(ValueError, match=r"source_size 24 there, 32 now"):
         pretrain(tiny_config(tmp_path, "src", image_size=16, max_iterations=2))
 
 

@@ -283,3 +283,64 @@ def test_overrides_apply_to_every_view_and_bad_inputs_raise():
         build_views("simclr", "rgb", ViewSpec(large_size=8))(torch.rand(2, 2, 8, 8))
     with pytest.raises(ValueError, match="B×C×H×W"):
         build_views("simclr", "rgb", ViewSpec(large_size=8))(torch.rand(3, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches of differently shaped images (issue #14, item 2): each row crops within its own image.
+
+
+def test_boxes_of_a_padded_batch_stay_inside_each_rows_own_image():
+    sizes = torch.tensor([[50, 70], [128, 96], [10, 100], [300, 150]])  # (h, w) per image
+    rows = torch.arange(4000) % 4
+    h, w = sizes[rows, 0], sizes[rows, 1]
+    boxes = sample_crop_boxes(4000, h, w, (0.08, 1.0), (3 / 4, 4 / 3), _gen(6))
+    x1, y1, x2, y2 = boxes.unbind(1)
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= w).all() and (y2 <= h).all()
+    assert torch.equal(boxes, boxes.round()) and ((x2 > x1) & (y2 > y1)).all()
+    for i, (hi, wi) in enumerate(sizes.tolist()):
+        mine = boxes[rows == i]
+        area = (mine[:, 2] - mine[:, 0]) * (mine[:, 3] - mine[:, 1]) / (hi * wi)
+        assert area.min() >= 0.08 * 0.8 and area.max() <= 1.0
+        if (hi, wi) != (10, 100):  # spread over the whole image, not over the padded batch
+            assert mine[:, 2].max() == wi and mine[:, 3].max() == hi and area.std() > 0.1
+    # the 10 x 100 image cannot hold a large square: its own central fallback crop
+    heights, widths = torch.full((8,), 10), torch.full((8,), 100)
+    fallback = sample_crop_boxes(8, heights, widths, (0.9, 1.0), (1.0, 1.0), _gen())
+    assert torch.equal(fallback, torch.tensor([[45.0, 0.0, 55.0, 10.0]]).expand(8, 4))
+
+
+def test_same_shape_batches_draw_exactly_the_boxes_of_one_size():
+    for h, w, scale in [(50, 70, (0.08, 1.0)), (10, 100, (0.9, 1.0)), (64, 64, (0.2, 1.0))]:
+        one = sample_crop_boxes(600, h, w, scale, (3 / 4, 4 / 3), _gen(3))
+        rows = sample_crop_boxes(
+            600, torch.full((600,), h), torch.full((600,), w), scale, (3 / 4, 4 / 3), _gen(3)
+        )
+        assert torch.equal(one, rows)
+
+
+def test_views_of_a_padded_batch_equal_views_of_each_image_alone():
+    """Padding never leaks into a view: the crop of row i of a padded batch is the crop of
+    image i on its own, with the same drawn box (also at the image's right and bottom edges,
+    where the padding repeats the edge as roi_align does at a tensor's border)."""
+    from medp2x.data.collate import ImageBatch, pad_images
+
+    images = [torch.rand(3, 40, 30, generator=_gen(1)), torch.rand(3, 24, 56, generator=_gen(2))]
+    batch = pad_images(images)
+    assert isinstance(batch, ImageBatch) and batch.pixels.shape == (2, 3, 40, 56)
+    assert batch.sizes.tolist() == [[40, 30], [24, 56]]
+    augment = build_views("simclr", "rgb", ViewSpec(n_large=2, large_size=16), generator=_gen(4))
+    views = augment(batch)
+    (plan,) = augment.plan(2, batch.sizes[:, 0], batch.sizes[:, 1], _gen(4))
+    x1, y1, x2, y2 = plan.boxes.unbind(1)
+    rows_w, rows_h = batch.sizes[plan.batch_index, 1], batch.sizes[plan.batch_index, 0]
+    assert (x2 <= rows_w).all() and (y2 <= rows_h).all()
+    edge = plan.boxes.clone()
+    edge[:, 2], edge[:, 3] = rows_w, rows_h  # boxes touching the right and bottom edges
+    edge[:, 0], edge[:, 1] = rows_w // 3, rows_h // 3
+    for boxes in (plan.boxes, edge):
+        padded = resized_crops(batch.pixels, boxes, plan.batch_index, 16)
+        for k, b in enumerate(plan.batch_index.tolist()):
+            alone = resized_crops(images[b][None], boxes[k : k + 1], torch.zeros(1), 16)[0]
+            assert torch.allclose(padded[k], alone, atol=1e-6), f"row {k}"
+    replay = [augment.apply(batch.pixels, plan)[k * 2 : (k + 1) * 2] for k in range(2)]
+    assert all(torch.equal(v, r) for v, r in zip(views, replay, strict=True))

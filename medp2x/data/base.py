@@ -1,7 +1,12 @@
-"""The one sample contract every reader meets, and the shared bad-file policy.
+"""The one sample contract every reader meets, the shared size policy and bad-file policy.
 
 A sample is a dict ``{"image": float32 tensor C x H x W in [0, 1], "label": int (-1 when
 unlabelled), "meta": dict}``. ``meta`` never holds patient identifiers.
+
+Readers take ``image_size`` and ``resize`` (see ``resize_to``): ``"cap"`` for pretraining
+sources (the image at its own resolution, aspect kept, only shrunk to a shorter side of at
+most ``image_size``: views then crop the real pixels), ``"shorter"`` for evaluation's
+resize-then-centre-crop, ``"square"`` for the fixed-size batches of old.
 
 Readers take ``on_error="raise" | "skip"``. ``raise`` stops with one line naming the file and
 the reason; ``skip`` drops the file, counts it, and the run reports the count at the end, so
@@ -12,14 +17,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+import torchvision.transforms.v2.functional as TF
+
 logger = logging.getLogger("medp2x.data")
 
 OnError = Literal["raise", "skip"]
+ResizeMode = Literal["square", "shorter", "cap"]
+RESIZE_MODES = ("square", "shorter", "cap")
+CAP_LONGER_SIDE = 2  # "cap" also holds the longer side to this many times image_size
 
 
 class UnreadableFileError(ValueError):
@@ -131,3 +142,61 @@ def list_files(root: str | Path, suffixes: Iterable[str]) -> list[Path]:
     if root.is_file():
         return [root]
     return sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(wanted))
+
+
+# ---------------------------------------------------------------------- sizes
+def check_resize(resize: str) -> ResizeMode:
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, not {resize!r}")
+    return resize  # type: ignore[return-value]
+
+
+def capped_shape(height: int, width: int, size: int) -> tuple[int, int]:
+    """The shape an image of ``height`` x ``width`` takes under ``resize="cap"``: the same
+    aspect, shorter side at most ``size`` and longer side at most ``CAP_LONGER_SIDE * size``
+    (a padded batch is as large as its tallest and widest images), never enlarged. Rounded
+    as torchvision's ``resize(image, [size], max_size=...)`` rounds."""
+    short, long = sorted((height, width))
+    max_long = CAP_LONGER_SIDE * size
+    if short <= size and long <= max_long:
+        return height, width
+    new_short = min(short, size)
+    new_long = int(new_short * long / short)
+    if new_long > max_long:
+        new_short, new_long = max(1, int(max_long * new_short / new_long)), max_long
+    return (new_long, new_short) if height > width else (new_short, new_long)
+
+
+def resize_to(
+    image: torch.Tensor, size: int | Sequence[int] | None, mode: str = "square"
+) -> torch.Tensor:
+    """One C x H x W image brought to ``size`` by ``mode`` (bilinear, antialiased):
+
+    - ``"square"``: ``size`` x ``size`` (or the (H, W) given): the aspect ratio is lost;
+    - ``"shorter"``: shorter side exactly ``size``, aspect kept (torchvision's ``Resize(int)``,
+      the first step of evaluation's resize and centre crop);
+    - ``"cap"``: ``capped_shape``: aspect kept, only ever shrunk (pretraining sources).
+
+    ``size=None``, or an image already of the target shape, is returned as it is."""
+    if size is None:
+        return image
+    height, width = (int(n) for n in image.shape[-2:])
+    shape = target_shape(height, width, size, mode)
+    if shape == (height, width):
+        return image
+    return TF.resize(image, list(shape), antialias=True).clamp_(0.0, 1.0)
+
+
+def target_shape(height: int, width: int, size: int | Sequence[int], mode: str) -> tuple[int, int]:
+    """(H, W) that ``resize_to`` gives an image of ``height`` x ``width``."""
+    check_resize(mode)
+    if mode == "square":
+        h, w = (size, size) if isinstance(size, int) else size
+        return int(h), int(w)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f'resize="{mode}" needs one positive image_size, not {size!r}')
+    if mode == "cap":
+        return capped_shape(height, width, size)
+    short, long = sorted((height, width))
+    new_long = int(size * long / short)
+    return (new_long, size) if height > width else (size, new_long)

@@ -46,8 +46,10 @@ from medp2x.data.base import (
     SkipUnreadable,
     UnreadableFileError,
     check_on_error,
+    check_resize,
     existing_path,
     handle_bad_file,
+    resize_to,
 )
 from medp2x.data.intensity import percentile_window, scale_to_unit, to_sample_tensor
 
@@ -471,8 +473,10 @@ class DicomDataset(SkipUnreadable, TorchDataset):
     ``modalities`` keeps only files whose Modality is listed (e.g. :data:`X_RAY_AND_US`);
     ``frame_stride`` takes every n-th frame of multi-frame files; ``window`` is ``"voi"``
     (the file's VOI LUT or window, else ``percentiles``), ``"minmax"`` or ``"percentile"``;
-    ``channels`` forces 1 or 3 channels (None: grey stays 1, colour 3); ``index_cache`` is a
-    JSON file keeping header facts between runs (paths and image geometry only).
+    ``channels`` forces 1 or 3 channels (None: grey stays 1, colour 3); ``image_size`` and
+    ``resize`` size the frames (``base.resize_to``: ``"cap"`` for pretraining keeps the
+    stored resolution up to a shorter side of ``image_size``); ``index_cache`` is a JSON file
+    keeping header facts between runs (paths and image geometry only).
     """
 
     def __init__(
@@ -486,6 +490,7 @@ class DicomDataset(SkipUnreadable, TorchDataset):
         channels: int | None = None,
         on_error: OnError = "raise",
         index_cache: str | Path | None = None,
+        resize: str = "square",
     ):
         if window not in WINDOWS:
             raise ValueError(f"window must be one of {WINDOWS}, not {window!r}")
@@ -498,6 +503,7 @@ class DicomDataset(SkipUnreadable, TorchDataset):
         self.modalities = None if modalities is None else {m.upper() for m in modalities}
         self.frame_stride, self.window, self.percentiles = frame_stride, window, percentiles
         self.image_size, self.channels = image_size, channels
+        self.resize = check_resize(resize)
         self.on_error = check_on_error(on_error)
         self.skipped = SkipLog()
         self.files: list[Path] = []
@@ -584,7 +590,9 @@ class DicomDataset(SkipUnreadable, TorchDataset):
             "bits_stored": info.bits_stored,
         }
         return {
-            "image": to_sample_tensor(image, self.channels, self.image_size),
+            "image": resize_to(
+                to_sample_tensor(image, self.channels), self.image_size, self.resize
+            ),
             "label": -1,
             "meta": meta,
         }

@@ -22,18 +22,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from medp2x.data.base import (
     SkipLog,
     SkipUnreadable,
     UnreadableFileError,
+    capped_shape,
     check_on_error,
+    check_resize,
     existing_path,
     handle_bad_file,
+    resize_to,
 )
-from medp2x.data.npz import resize_image
 
 logger = logging.getLogger("medp2x.data")
 
@@ -43,7 +45,12 @@ LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL
 
 
 class ImageFileDataset(SkipUnreadable, Dataset):
-    """Samples from a list of (image file, label): the decoding shared by folders and CSVs."""
+    """Samples from a list of (image file, label): the decoding shared by folders and CSVs.
+
+    ``image_size`` and ``resize`` size the images (``base.resize_to``): ``"cap"`` for
+    pretraining keeps each image's aspect and resolution up to a shorter side of
+    ``image_size`` (JPEGs are then decoded at the smallest DCT scale that still covers it).
+    """
 
     def __init__(
         self,
@@ -52,9 +59,10 @@ class ImageFileDataset(SkipUnreadable, Dataset):
         image_size: int | None = None,
         on_error: str = "raise",
         classes: list[str] | None = None,
+        resize: str = "square",
     ):
         self.items = list(items)
-        self.gray, self.image_size = gray, image_size
+        self.gray, self.image_size, self.resize = gray, image_size, check_resize(resize)
         self.on_error = check_on_error(on_error)
         self.classes = classes
         self.skipped = SkipLog()
@@ -65,11 +73,9 @@ class ImageFileDataset(SkipUnreadable, Dataset):
     def load(self, index: int) -> dict:
         """Sample ``index`` without the skip policy: raises ``UnreadableFileError``."""
         path, label = self.items[index]
-        pixels = read_image(path)
-        image = to_tensor(pixels, self.gray)
-        height, width = image.shape[-2:]
-        if self.image_size is not None and (height, width) != (self.image_size,) * 2:
-            image = resize_image(image, self.image_size)
+        cap = self.image_size if self.resize == "cap" else None
+        pixels, (height, width) = read_source(path, cap)
+        image = resize_to(to_tensor(pixels, self.gray), self.image_size, self.resize)
         meta = {
             "path": str(path), "dtype": str(pixels.dtype), "height": int(height),
             "width": int(width), "skipped": 0,
@@ -101,6 +107,7 @@ class ImageFolderDataset(ImageFileDataset):
         image_size: int | None = None,
         on_error: str = "raise",
         extensions: Sequence[str] = IMAGE_EXTENSIONS,
+        resize: str = "square",
     ):
         self.root = existing_path(root, "image folder")
         if not self.root.is_dir():
@@ -121,7 +128,7 @@ class ImageFolderDataset(ImageFileDataset):
             classes, items = None, [(f, -1) for f in top_level]
         if not items:
             raise ValueError(f"no {'/'.join(exts)} images under {self.root}")
-        super().__init__(items, gray, image_size, on_error, classes)
+        super().__init__(items, gray, image_size, on_error, classes, resize)
 
 
 class CSVManifestDataset(ImageFileDataset):
@@ -139,6 +146,7 @@ class CSVManifestDataset(ImageFileDataset):
         gray: bool = False,
         image_size: int | None = None,
         on_error: str = "raise",
+        resize: str = "square",
     ):
         self.csv_path = existing_path(csv_path, "CSV manifest")
         base = existing_path(root, "image root") if root is not None else self.csv_path.parent
@@ -157,7 +165,7 @@ class CSVManifestDataset(ImageFileDataset):
                 )
         if not items:
             raise ValueError(f"{self.csv_path}: no existing image files listed")
-        super().__init__(items, gray, image_size, on_error, classes)
+        super().__init__(items, gray, image_size, on_error, classes, resize)
         self.skipped = skipped
 
 
@@ -217,6 +225,14 @@ def read_image(path: str | Path) -> np.ndarray:
     TIFFs are read with tifffile first, because Pillow silently reduces 16-bit RGB TIFFs to
     8 bit; Pillow decodes the codecs tifffile lacks without imagecodecs (LZW, JPEG).
     """
+    return read_source(path)[0]
+
+
+def read_source(path: str | Path, cap: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_image``'s pixels and the image's own (H, W) as displayed. With ``cap`` (the
+    pretraining source size) a JPEG may be decoded at a reduced scale, libjpeg's DCT scaling
+    by 1/2, 1/4 or 1/8 (a faster decode, already low-passed), that still covers
+    ``capped_shape(H, W, cap)``: a 3000 px radiograph is never decoded whole to be shrunk."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
@@ -226,8 +242,10 @@ def read_image(path: str | Path) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
         pixels = _read_tiff(path)
         if pixels is not None:
-            return _standard_layout(path, pixels)
-    return _standard_layout(path, _read_pil(path))
+            pixels = _standard_layout(path, pixels)
+            return pixels, (int(pixels.shape[0]), int(pixels.shape[1]))
+    pixels, size = _read_pil(path, cap)
+    return _standard_layout(path, pixels), size
 
 
 def _read_tiff(path: Path) -> np.ndarray | None:
@@ -247,21 +265,31 @@ def _read_tiff(path: Path) -> np.ndarray | None:
         return None
 
 
-def _read_pil(path: Path) -> np.ndarray:
+def _read_pil(path: Path, cap: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     try:
         with Image.open(path) as image:
             if image.width * image.height > MAX_PIXELS:
                 raise UnreadableFileError(
                     path, f"{image.size} image too large (a slide? use WSITileDataset)"
                 )
+            size = _displayed_size(image)
+            if cap is not None and image.format == "JPEG":
+                height, width = capped_shape(image.height, image.width, cap)
+                image.draft(image.mode, (width, height))  # never below the requested size
             image = ImageOps.exif_transpose(image)  # camera photos: pixels as the user sees them
-            return _pil_pixels(image)
+            return _pil_pixels(image), size
     except UnidentifiedImageError as err:
         raise UnreadableFileError(
             path, "not an image Pillow can identify (wrong format or damaged)"
         ) from err
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
         raise UnreadableFileError(path, f"cannot decode ({err})") from err
+
+
+def _displayed_size(image: Image.Image) -> tuple[int, int]:
+    """(H, W) after the EXIF orientation is applied (orientations 5-8 swap the sides)."""
+    swapped = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+    return (image.width, image.height) if swapped else (image.height, image.width)
 
 
 def _pil_pixels(image: Image.Image) -> np.ndarray:

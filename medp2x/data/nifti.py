@@ -33,8 +33,10 @@ from medp2x.data.base import (
     SkipUnreadable,
     UnreadableFileError,
     check_on_error,
+    check_resize,
     existing_path,
     handle_bad_file,
+    resize_to,
 )
 from medp2x.data.intensity import percentile_window, scale_to_unit, to_sample_tensor
 
@@ -251,7 +253,9 @@ class NiftiSliceDataset(SkipUnreadable, TorchDataset):
     computed over foreground voxels; ``volume_index``: for 4D files, None takes every volume,
     an int only that one; ``augment``: a profile of :func:`mri_augmentation` or a callable on
     a 1 x H x W x 1 tensor; ``cache_volumes``: how many decompressed ``.nii.gz`` volumes
-    each process keeps (slices of an uncompressed ``.nii`` are read alone).
+    each process keeps (slices of an uncompressed ``.nii`` are read alone); ``image_size``
+    and ``resize`` size the slices (``base.resize_to``: ``"cap"`` for pretraining keeps the
+    voxel grid up to a shorter side of ``image_size``).
     """
 
     def __init__(
@@ -268,6 +272,7 @@ class NiftiSliceDataset(SkipUnreadable, TorchDataset):
         foreground: str | float = "robust",
         channels: int = 1,
         cache_volumes: int = 1,
+        resize: str = "square",
     ):
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2, not {axis!r}")
@@ -282,6 +287,7 @@ class NiftiSliceDataset(SkipUnreadable, TorchDataset):
         percentile_window(np.zeros(1), percentiles)  # validates the pair early
         self.root, self.axis, self.min_foreground = Path(root), axis, min_foreground
         self.percentiles, self.image_size, self.channels = percentiles, image_size, channels
+        self.resize = check_resize(resize)
         self.volume_index, self.foreground = volume_index, foreground
         self.augment = mri_augmentation(augment) if isinstance(augment, str) else augment
         self.on_error = check_on_error(on_error)
@@ -406,5 +412,5 @@ class NiftiSliceDataset(SkipUnreadable, TorchDataset):
             "height": image.shape[0],  # of the slice, before any resize
             "width": image.shape[1],
         }
-        tensor = to_sample_tensor(image, self.channels, self.image_size)
+        tensor = resize_to(to_sample_tensor(image, self.channels), self.image_size, self.resize)
         return {"image": tensor, "label": -1, "meta": meta}

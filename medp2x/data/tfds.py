@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from medp2x.data.base import check_resize, resize_to
 from medp2x.data.folder import to_tensor
-from medp2x.data.npz import resize_image
 
 logger = logging.getLogger("medp2x.data")
 
@@ -82,6 +82,8 @@ class TFDSDataset(Dataset):
     ``max_samples`` keeps the first records only; TFDS shuffles records when it prepares a
     dataset, so they are a random subset. Labels are read sample by sample (a label-only
     decoder needs TensorFlow), so ``medp2x.evaluate`` reads them once per split.
+    ``image_size`` and ``resize`` size the images (``base.resize_to``; ``"cap"`` for
+    pretraining keeps each photograph's own aspect and resolution up to that shorter side).
     """
 
     def __init__(
@@ -95,10 +97,11 @@ class TFDSDataset(Dataset):
         image_size: int | None = None,
         max_samples: int | None = None,
         override: str = "data_dir",
+        resize: str = "square",
     ):
         self.name, self.split = name, split
         self.label_key, self.image_key = label_key, image_key
-        self.gray, self.image_size = gray, image_size
+        self.gray, self.image_size, self.resize = gray, image_size, check_resize(resize)
         self.source = open_data_source(name, split, data_dir, override)
         total = len(self.source)
         self.length = total if max_samples is None else min(total, int(max_samples))
@@ -116,9 +119,9 @@ class TFDSDataset(Dataset):
             raise KeyError(
                 f"{self.name}: records have no {self.image_key!r} field (fields: {', '.join(record)})"
             )
-        image = image_tensor(record[self.image_key], self.gray)
-        if self.image_size is not None and tuple(image.shape[-2:]) != (self.image_size,) * 2:
-            image = resize_image(image, self.image_size)
+        image = resize_to(
+            image_tensor(record[self.image_key], self.gray), self.image_size, self.resize
+        )
         label = -1 if self.label_key is None else int(np.asarray(record[self.label_key]))
         meta = {"dataset": self.name, "split": self.split, "index": index}
         return {"image": image, "label": label, "meta": meta}
