@@ -96,7 +96,9 @@ class PretrainCollate:
                 raise ValueError(
                     f"sample images must be float in [0, 1] or uint8, not {image.dtype}"
                 )
-            image = resize_to(image.to(torch.float32), self.source_size, "cap")
+            if image.dtype != torch.float32:
+                image = image.float()
+            image = resize_to(image, self.source_size, "cap")
             images.append(match_channels(image, self.channels))
         batch = pad_images(images)
         batch.pixels.clamp_(0.0, 1.0)
