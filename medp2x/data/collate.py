@@ -34,11 +34,6 @@ class ImageBatch:
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
-    @property
-    def uniform(self) -> bool:
-        """Every image fills the whole tensor (a same-shape batch, no padding)."""
-        return bool((self.sizes == torch.tensor(self.pixels.shape[-2:])).all())
-
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
         return ImageBatch(self.pixels.to(device, non_blocking=non_blocking), self.sizes)
 
