@@ -551,13 +551,49 @@ def test_evaluate_bundle_compares_encoders_on_a_benchmark(
     rows = list(csv.DictReader((out / "results.csv").read_text().splitlines()))
     assert {row["encoder"] for row in rows} == {"SSL", "Random"}
     assert {int(row["n_test"]) for row in rows} == {3}
-    assert "US" in (out / "results.md").read_text()
+    assert {row["test_overlap"] for row in rows} == {
+        "unknown (no seen_files.json beside the weights)",
+        "not pretrained",
+    }
+    assert "accuracy_diff_vs_Random_low" in rows[0]  # SSL - Random, paired interval
+    text = (out / "results.md").read_text()
+    assert "US" in text and "SSL − Random" in text and "--benchmark us" in text
+    assert "shorter side resized to 32 px" in text and "(seed 0); pretraining uses the rest" in text
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(
         SystemExit, match=r"evaluate xray: error: .*COVID-19 Radiography.*--downstream_dir"
     ):
         run_bundle(
             "evaluate.json", benchmark="xray", encoder=str(ssl_checkpoint), output_dir=str(out)
         )
+
+
+def test_evaluate_bundle_draws_the_convergence_figure_of_runs(data, tmp_path, monkeypatch):
+    """Figs. 2-3: every kept checkpoint of a run evaluated on the benchmark's own test split,
+    which the registry's pretraining reader never gave the run (its record says 0 seen)."""
+    from medp2x.engine import PretrainConfig, pretrain
+
+    monkeypatch.chdir(REPO)
+    run = tmp_path / "p1x"
+    pretrain(
+        PretrainConfig(
+            dataset=dataset_factory("satellite")(data["satellite"]["data_dir"], 32),
+            output_dir=run, arch="resnet18", image_size=32, batch_size=4, epochs=1,
+            max_iterations=2, checkpoint_every=1, n_saved=None, progress=False,
+        )
+    )  # fmt: skip
+    out = tmp_path / "fig"
+    run_bundle(
+        "evaluate.json", benchmark="satellite", data_dir=data["satellite"]["data_dir"],
+        series={"P1X": str(run)}, x="iteration", protocol="knn", image_size=32,
+        output_dir=str(out),
+    )  # fmt: skip
+    points = list(csv.DictReader((out / "convergence.csv").read_text().splitlines()))
+    assert [float(p["x"]) for p in points] == [1.0, 2.0]
+    text = (out / "convergence_results.md").read_text()
+    assert "P1X @ iteration 1: saw 0 of 10 test images" in text
+    assert "--series \"{'P1X': " in text  # the command that reproduces it
+    assert (out / "convergence.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bundle_without_prepared_tfds_data_is_one_clear_error(tmp_path):

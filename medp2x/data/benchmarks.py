@@ -14,6 +14,7 @@ dataset has no official split (BUSI, EuroSAT, COVID-19 radiography, UTKFace) a s
 from __future__ import annotations
 
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -865,8 +866,8 @@ def _encoder_name(path: str | Path) -> str:
 
 def evaluate_benchmark(
     benchmark: str,
-    encoder,
-    output_dir: str | Path,
+    encoder=None,
+    output_dir: str | Path = "runs/evaluate",
     data_dir: str | Path | None = None,
     downstream_dir: str | Path | None = None,
     random: bool = True,
@@ -874,18 +875,34 @@ def evaluate_benchmark(
     on_error: str = "skip",
     options: Mapping[str, object] | None = None,
     device: str | None = None,
+    series: Mapping[str, str | Path] | None = None,
+    x: str = "epoch",
     **compare_kwargs,
 ) -> list[dict]:
-    """One cell group of Tables 2-5: the encoders fine-tuned (or probed) on a benchmark's
-    downstream task; writes ``results.md`` / ``results.csv`` into ``output_dir``."""
-    from medp2x.evaluate import compare_encoders, format_table, write_results
+    """One cell group of Tables 2-5, or one panel of Figs. 2-3, on a benchmark's downstream
+    task and its own test split; everything lands in ``output_dir``.
+
+    Tables (``encoder``: a path, a list, or {name: path}; plus Random unless ``random`` is
+    False): ``results.md`` / ``.csv`` / ``.png``, each encoder's paired difference against
+    the reference with its interval. Figures (``series``: {name: pretraining run folder}):
+    every kept checkpoint of each run evaluated, ``convergence.png`` / ``.csv`` and
+    ``convergence_results.md`` / ``.csv``. Images are read at their own size and shown to
+    the encoders through the shape-keeping evaluation view at ``image_size``.
+    """
+    from medp2x.evaluate import (
+        compare_encoders,
+        convergence_figure,
+        format_differences,
+        format_table,
+        write_results,
+    )
 
     bench = get(benchmark)
     factory = eval_data_factory(
         benchmark,
         downstream_dir,
         (data_dir or bench.default_data_dir) if bench.same_set else None,
-        compare_kwargs.get("image_size"),
+        None,  # no resize in the reader: the evaluation view keeps each image's shape
         max_samples,
         on_error,
         **(options or {}),
@@ -894,17 +911,71 @@ def evaluate_benchmark(
         raise FileNotFoundError(bench.missing(bench.downstream, None))
     train, test = factory()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(output_dir)
+    command = _bundle_command(benchmark, encoder, output_dir, data_dir, downstream_dir, random,
+                              max_samples, options, series, x, compare_kwargs)  # fmt: skip
+    kwargs = {"in_channels": 1 if bench.gray else 3, "device": device, **compare_kwargs}
+    if series:
+        kwargs.pop("reference", None)  # one encoder per checkpoint: nothing to pair
+        png, points, rows = convergence_figure(
+            {str(k): str(v) for k, v in series.items()}, train, test, out / "convergence.png",
+            x=x, reference=None, **kwargs,
+        )  # fmt: skip
+        _note_test_split(rows, bench)
+        md, _ = write_results(
+            rows, out, title=f"{bench.title}: downstream accuracy per pretraining checkpoint",
+            command=command, stem="convergence_results", figure=False,
+        )  # fmt: skip
+        print(f"[evaluate] {bench.title}: wrote {png}, {points} and {md}")
+        return rows
     specs = encoder_specs(encoder, random)
     print(
         f"[evaluate] {bench.title}: {', '.join(specs)} on {len(train)} train / {len(test)} test samples ({bench.classes})"
     )
-    rows = compare_encoders(
-        specs, train, test, in_channels=1 if bench.gray else 3, device=device, **compare_kwargs
+    rows = compare_encoders(specs, train, test, **kwargs)
+    _note_test_split(rows, bench)
+    md, _ = write_results(
+        rows, out, title=f"{bench.title}: {bench.downstream_data.what}", command=command
     )
-    md, _ = write_results(rows, output_dir, title=f"{bench.title}: {bench.downstream_data.what}")
     print(format_table(rows))
-    print(f"results: {md}")
+    differences = format_differences(rows)
+    if differences:
+        print(f"\nPaired differences (* : 95% interval excludes 0)\n{differences}")
+    print(f"results: {md}, {out / 'results.csv'}, {out / 'results.png'}")
     return rows
+
+
+def _note_test_split(rows: list[dict], bench: Benchmark) -> None:
+    for row in rows:
+        row["test_source"] = f"{bench.downstream_data.what}: {bench.test_split}"
+
+
+def _bundle_command(benchmark, encoder, output_dir, data_dir, downstream_dir, random,
+                    max_samples, options, series, x, compare_kwargs) -> str:  # fmt: skip
+    """The ``bundles/evaluate.json`` command that reproduces this evaluation."""
+    given = {
+        "benchmark": benchmark, "encoder": encoder, "series": series, "output_dir": output_dir,
+        "data_dir": data_dir, "downstream_dir": downstream_dir, "max_samples": max_samples,
+        "options": options or None, **compare_kwargs,
+    }  # fmt: skip
+    if not random:
+        given["random"] = False
+    if series:
+        given["x"] = x
+    parts = ["python -m monai.bundle run --config_file bundles/evaluate.json"]
+    for key, value in given.items():
+        if value is None or key == "progress":
+            continue
+        text = str(value) if isinstance(value, (str, int, float, Path)) else repr(value)
+        parts.append(f"--{key} {_shell_word(text)}")
+    return " ".join(parts)
+
+
+def _shell_word(text: str) -> str:
+    """``text`` quoted for a shell, readably: "{'P2X': 'runs/x'}" rather than '"'"' chains."""
+    if shlex.quote(text) == text or not any(c in text for c in '"$`\\!'):
+        return text if shlex.quote(text) == text else f'"{text}"'
+    return shlex.quote(text)
 
 
 def evaluate_or_exit(**kwargs) -> list[dict]:

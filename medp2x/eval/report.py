@@ -267,7 +267,7 @@ def _labels_text(rows: Sequence[Mapping]) -> str:
     kind = "disjoint" if first.get("disjoint") else "independent"
     return (
         f"{100 * fraction:g}% of each class of the training split ({budget}{of} labels per "
-        f"draw), {draws} {kind} draw{'s' if draws > 1 else ''} (seeds "
+        f"draw), {draws} {kind} draw{'s' if draws > 1 else ''} (seed{'s' if draws > 1 else ''} "
         f"{', '.join(str(s) for s in _seeds(rows))})"
     )
 
