@@ -42,6 +42,7 @@ class P2XJob:
     source_size: int | None = None  # shorter-side cap of the images (None: 2-2.3x image_size)
     batch_size: int | None = None
     epochs: int | None = None
+    epoch_length: int | None = None  # samples per epoch (None: the profile's; 0: one pass)
     lr: float | None = None
     scale: str = "per_layer"
     filters: str = "copy"
@@ -53,7 +54,7 @@ class P2XJob:
     eval_protocol: str = "linear"
     eval_epochs: int = 30
     num_workers: int = 0
-    amp: bool = False
+    amp: bool | str = "auto"  # bf16 autocast: "auto" where the device has native bf16
     seed: int = 0
     checkpoint_every: int = 0
     keep_checkpoints: int = 2  # 0 keeps every one: what the convergence figures read
@@ -97,6 +98,7 @@ class P2XJob:
                 source_size=source_size,
                 batch_size=self.batch_size,
                 epochs=self.epochs or (self.demo_epochs if demo else None),
+                epoch_length=self.epoch_length,
                 lr=self.lr,
                 ssl_checkpoint=first_stage,
                 scale=self.scale,

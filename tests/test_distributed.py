@@ -141,3 +141,91 @@ def test_moco_shuffled_keys_and_global_enqueue(two_process_results):
         distributed["queue"][WORLD * PER_RANK :], single.queue[WORLD * PER_RANK :]
     )
     assert int(distributed["ptr"]) == WORLD * PER_RANK
+
+
+# --- The engine on two processes: per-rank views, exact resume (issue #14, item 3) -------------
+
+ENGINE_KW = dict(
+    method="simclr",
+    arch="resnet18",
+    image_size=16,
+    batch_size=4,  # per process: a global batch of 8
+    epochs=2,  # 16 images: 2 steps per epoch, 4 in all
+    progress=False,
+    n_saved=None,
+)
+
+
+def _engine_worker(local_rank: int, out_dir: str) -> None:
+    """Both ranks run an uninterrupted job, then a job stopped at step 3 (mid epoch 2) and
+    resumed, and record the crop boxes their first step drew."""
+    from pathlib import Path
+
+    import medp2x.views as views
+    from medp2x.engine import PretrainConfig, pretrain
+
+    torch.set_num_threads(1)  # two processes on a 2-core machine: no oversubscription
+    out = Path(out_dir)
+    g = torch.Generator().manual_seed(0)
+    images = [{"image": torch.rand(3, 16, 16, generator=g), "label": -1} for _ in range(16)]
+    boxes: list[torch.Tensor] = []
+    plan = views.BatchAugment.plan
+
+    def recording_plan(self, *args, **kwargs):
+        groups = plan(self, *args, **kwargs)
+        boxes.extend(group.boxes for group in groups)
+        return groups
+
+    views.BatchAugment.plan = recording_plan
+    full = pretrain(PretrainConfig(dataset=images, output_dir=out / "full", **ENGINE_KW))
+    first_boxes = torch.cat(boxes[:1])
+    pretrain(
+        PretrainConfig(dataset=images, output_dir=out / "killed", max_iterations=3, **ENGINE_KW)
+    )
+    resumed = pretrain(PretrainConfig(dataset=images, output_dir=out / "killed", **ENGINE_KW))
+    all_boxes = idist.all_gather(first_boxes[None])  # (world, rows, 4)
+    if idist.get_rank() == 0:
+        torch.save(
+            {
+                "world": idist.get_world_size(),
+                "iterations": (full.iterations, resumed.iterations),
+                "resumed": resumed.resumed,
+                "boxes": all_boxes,
+            },
+            out / "results.pt",
+        )
+
+
+@pytest.fixture(scope="module")
+def two_process_pretraining(tmp_path_factory) -> tuple[dict, object]:
+    out = tmp_path_factory.mktemp("ddp_engine")
+    with idist.Parallel(
+        backend="gloo", nproc_per_node=WORLD, master_addr="127.0.0.1", master_port=_free_port()
+    ) as parallel:
+        parallel.run(_engine_worker, str(out))
+    results = torch.load(out / "results.pt", weights_only=True)
+    assert results["world"] == WORLD
+    return results, out
+
+
+def test_ranks_draw_different_crops(two_process_pretraining):
+    """Each rank seeds its views from (seed, rank, step): the same boxes on both ranks would
+    mean a global batch of 8 images holds only 4 independent pairs of views."""
+    boxes = two_process_pretraining[0]["boxes"]
+    assert boxes.shape[0] == WORLD and boxes.shape[1] == 2 * ENGINE_KW["batch_size"]
+    assert not torch.equal(boxes[0], boxes[1])
+    assert (boxes[0] != boxes[1]).any(dim=1).float().mean() > 0.9  # not a few rows by chance
+
+
+def test_a_resumed_two_process_run_equals_an_uninterrupted_one(two_process_pretraining):
+    from medp2x.checkpoints import read_checkpoint
+    from medp2x.engine import read_loss_log
+
+    results, out = two_process_pretraining
+    assert results["iterations"] == (4, 4) and results["resumed"]
+    full, _ = read_checkpoint(out / "full" / "encoder.pt")
+    resumed, _ = read_checkpoint(out / "killed" / "encoder.pt")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6, msg=key)
+    assert read_loss_log(out / "killed") == read_loss_log(out / "full")

@@ -179,6 +179,9 @@ class SSLMethod(nn.Module, ABC):
 
     name: str = ""
     multi_crop: bool = False  # False: exactly two large views
+    # BatchNorm statistics over the global batch on several GPUs (SyncBatchNorm), as SimCLR,
+    # BYOL and SwAV's originals; MoCo sets False: its shuffled BN needs per-GPU statistics.
+    sync_bn: bool = True
 
     def __init__(self, encoder: nn.Module, recipe: Recipe):
         super().__init__()

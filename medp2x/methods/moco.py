@@ -105,6 +105,7 @@ def info_nce(
 
 class MoCo(SSLMethod):
     name = "moco"
+    sync_bn = False  # shuffled BN instead: SyncBN would pool the statistics it keeps apart
 
     def __init__(self, encoder: nn.Module, recipe: MoCoRecipe):
         super().__init__(encoder, recipe)
