@@ -141,6 +141,18 @@ def test_sampler_draws_are_identical_across_a_resume(tmp_path):
     assert engine.read_loss_log(tmp_path / "killed") == engine.read_loss_log(tmp_path / "full")
 
 
+def test_epoch_length_defaults_by_profile_and_bad_values_are_named():
+    def length(**kw) -> int:
+        return engine.resolve_epoch_length(PretrainConfig(dataset=[], output_dir=".", **kw))
+
+    assert length(profile="full") == 100_000 and length(profile="tiny") == 0
+    assert length(profile="full", epoch_length=0) == 0  # one pass, asked for explicitly
+    assert length(epoch_length=1e5) == 100_000  # what a command line may give
+    for bad in (-1, 2.5, "many"):
+        with pytest.raises(ValueError, match=r"epoch_length must be a number of samples >= 0"):
+            length(epoch_length=bad)
+
+
 def test_pass_sampler_shards_without_overlap_and_depends_on_seed_and_epoch_only():
     ranks = [PassSampler(10, 24, num_replicas=2, rank=r, seed=3) for r in range(2)]
     for epoch in (0, 5):
