@@ -614,7 +614,8 @@ BENCHMARKS: dict[str, Benchmark] = {
                 what="H&E whole-slide images", reader="slides (WSITileDataset)",
                 layout="slides in any OpenSlide format (.svs, .ndpi, .mrxs, .tiff, ...), searched recursively",
                 obtain="public H&E slides, e.g. TCGA (https://portal.gdc.cancer.gov) or CAMELYON16/17 "
-                "(https://camelyon17.grand-challenge.org); the paper used 40k tiles of 60 public sets (Ciga et al. 2020)",
+                "(https://camelyon17.grand-challenge.org) without CAMELYON16's testing/ slides, the source of "
+                "PCam's test set; the paper used 40k tiles of 60 public sets (Ciga et al. 2020)",
                 override="data_dir",
             ),
             downstream=DataSpec(

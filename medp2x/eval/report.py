@@ -308,7 +308,7 @@ def plot_results(rows: Sequence[Mapping], out_png: str | Path) -> Path:
         for i, (e, l_, h, c) in enumerate(zip(est, lo, hi, colours, strict=True)):
             ax.errorbar(e, i, xerr=[[l_], [h]], fmt="o", color=c, capsize=3)
         ax.set_yticks(range(len(names)), names)
-        ax.invert_yaxis()
+        ax.set_ylim(len(names) - 0.5, -0.5)  # first on top, rows evenly spaced
         ax.axvline(0, color="black", lw=0.8)
         ax.set_xlabel("paired accuracy difference (points), 95% CI")
         ax.grid(axis="x", alpha=0.3)
