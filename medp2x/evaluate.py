@@ -672,6 +672,8 @@ def compare_encoders(
         raise ValueError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
     if selection == "val" and val is None:
         raise ValueError("selection 'val' needs a validation split (--val-data, or an .npz 'val')")
+    if val is not None and selection != "val":
+        logger.info("a validation split was given but selection is %r: it is not used", selection)
     references = _references(encoders, reference)
     settings = EvalSettings(
         epochs=epochs,
@@ -943,8 +945,8 @@ def check_test_overlap(
     test_keys = sample_keys(test) if any(isinstance(r, Path) for r in records.values()) else None
     overlaps = {}
     for name, record in records.items():
-        if record == "not pretrained":
-            overlaps[name] = Overlap("not pretrained")
+        if isinstance(record, str):  # "not pretrained", "module": nothing to trace
+            overlaps[name] = Overlap(record)
             continue
         overlap = count_test_overlap(record, test_keys)
         if overlap.seen:
@@ -955,14 +957,14 @@ def check_test_overlap(
             if not allow:
                 raise ValueError(f"{message}; refusing to score it (--allow-test-overlap to force)")
             logger.warning("%s; scored anyway (allow_test_overlap)", message)
-            overlap.status = "checked"
         overlaps[name] = overlap
     return overlaps
 
 
 def _record_of(spec: EncoderSpec, find_record) -> Path | str | None:
+    """The run record of an encoder file (None: none found), or why there is none to find."""
     if isinstance(spec, nn.Module):
-        return None
+        return "module"
     if str(spec) == "random" or str(spec) in BASELINES:
         return "not pretrained"
     return find_record(spec)

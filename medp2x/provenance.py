@@ -257,7 +257,7 @@ def read_record(path: str | Path | None) -> dict | None:
 class Overlap:
     """How many test images an encoder's pretraining saw, and how sure that count is."""
 
-    status: str  # "checked", "no record", "not pretrained", "test unidentified"
+    status: str  # "checked", "no record", "not pretrained", "module", "test unidentified"
     seen: int | None = None  # test images whose content the run saw (None: not known)
     test_images: int = 0
     record: Path | None = None
@@ -277,6 +277,8 @@ class Overlap:
             return "unknown (no seen_files.json beside the weights)"
         if self.status == "test unidentified":
             return "unknown (the test split's files cannot be identified)"
+        if self.status == "module":
+            return "unknown (given as a module, not a file)"
         return "not pretrained"
 
 
