@@ -622,9 +622,10 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         trainer.add_event_handler(every, saver)
         attach_loggers(trainer, out, cfg.progress)
         monitor.attach(trainer)
-    if cfg.max_iterations:
+    if cfg.max_iterations:  # also when resumed at or past it (``once=`` would never fire)
         trainer.add_event_handler(
-            Events.ITERATION_COMPLETED(once=cfg.max_iterations), lambda e: e.terminate()
+            Events.STARTED | Events.ITERATION_COMPLETED,
+            lambda e: e.terminate() if e.state.iteration >= cfg.max_iterations else None,
         )
 
     if resume_from is not None:
