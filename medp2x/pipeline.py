@@ -60,6 +60,7 @@ class P2XJob:
     keep_checkpoints: int = 2  # 0 keeps every one: what the convergence figures read
     first_stage_epochs: int = 4  # demo only: the stand-in first stage
     demo_epochs: int = 10  # demo only: second-stage epochs when `epochs` is not set
+    demo_epoch_length: int = 256  # demo only: samples per second-stage epoch (its slide: ~20 tiles)
     max_iterations: int | None = None
     method_options: dict = field(default_factory=dict)
 
@@ -98,7 +99,9 @@ class P2XJob:
                 source_size=source_size,
                 batch_size=self.batch_size,
                 epochs=self.epochs or (self.demo_epochs if demo else None),
-                epoch_length=self.epoch_length,
+                epoch_length=self.demo_epoch_length
+                if demo and self.epoch_length is None
+                else self.epoch_length,
                 lr=self.lr,
                 ssl_checkpoint=first_stage,
                 scale=self.scale,
@@ -134,7 +137,7 @@ class P2XJob:
         from medp2x.demo import write_demo_slide
 
         print(
-            "[demo] no data_dir given: writing scikit-image's IHC section as a pyramidal TIFF slide"
+            "[demo] no data_dir given: writing the left half of scikit-image's IHC section as a pyramidal TIFF slide (the right half is the downstream test)"
         )
         return write_demo_slide(out / "demo_data").parent
 
@@ -153,17 +156,28 @@ class P2XJob:
         return make_demo_first_stage(out / "stage1", self)
 
     def _evaluate(self, out, demo, first_stage, p2x_path, arch, image_size) -> list[dict]:
+        """The paper's comparison on the labelled set: this run's encoder next to its first
+        stage and a random init, scored on the same test images, with the paired differences
+        its claims rest on (P2X - first stage, anything - Random) and their 95 % intervals."""
         train, test = self._labelled_data(demo, image_size)
         if train is None:
             print("[4/4] no eval_dir given: skipping the downstream evaluation")
             return []
-        from medp2x.evaluate import compare_encoders, format_table, resolve_encoder, write_results
+        from medp2x.evaluate import (
+            compare_encoders,
+            format_differences,
+            format_table,
+            resolve_encoder,
+            write_results,
+        )
 
         channels = 1 if self.modality == "gray" else 3
         encoders = {"Random": resolve_encoder("random", arch, channels, seed=self.seed)}
         if first_stage is not None:
             encoders["First stage"] = resolve_encoder(first_stage)
         encoders[self.schedule.upper()] = resolve_encoder(p2x_path)
+        if demo:  # what colour alone scores: chance on the demo's decolourised tiles
+            encoders["Colour histogram"] = resolve_encoder("colour_histogram")
         print(
             f"[4/4] {self.eval_protocol} evaluation of {', '.join(encoders)} on {len(train)} train / {len(test)} test samples"
         )
@@ -175,9 +189,12 @@ class P2XJob:
             epochs=self.eval_epochs,
             image_size=image_size,
             seed=self.seed,
+            reference=["Random", "First stage"] if first_stage is not None else ["Random"],
         )
+        rows = _claimed_differences(rows, self.schedule.upper())
         write_results(rows, out / "evaluation")
         print(format_table(rows))
+        print(format_differences(rows))
         return rows
 
     def _labelled_data(self, demo: bool, image_size: int):
@@ -197,12 +214,14 @@ class P2XJob:
             train, test = stratified_split(dataset_labels(data), fraction=0.3, seed=self.seed)
             return Subset(data, train.tolist()), Subset(data, test.tolist())
         if demo:
-            from medp2x.demo import ihc_labelled_tiles
+            from medp2x.demo import ihc_tissue_tiles
 
             print(
-                "[demo] labelled set: IHC tiles labelled background / haematoxylin / DAB-positive by colour deconvolution"
+                "[demo] labelled set: epithelium vs stroma tiles of the IHC section, decolourised "
+                "(gray, each tile histogram-equalised: colour cannot tell them apart); train: the "
+                "half the second stage saw, test: the half it never saw"
             )
-            return ihc_labelled_tiles()
+            return ihc_tissue_tiles(size=image_size)
         return None, None
 
 
@@ -230,9 +249,20 @@ def make_demo_first_stage(folder: Path, job: P2XJob) -> Path:
         )
     )
     print(
-        f"      first stage: loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}, weights {summary.encoder_path}"
+        f"      first stage: {summary.iterations} iterations, loss {summary.first_loss:.3f} -> {summary.last_loss:.3f}, weights {summary.encoder_path}"
     )
     return summary.encoder_path
+
+
+def _claimed_differences(rows: list[dict], run: str) -> list[dict]:
+    """Keep the differences a P2X claim is about: each encoder against Random, and this run
+    against its first stage (not Random - first stage, nor a low-level reference against it)."""
+    kept = []
+    for row in rows:
+        if row["encoder"] != run:
+            row = {k: v for k, v in row.items() if "_diff_vs_First stage" not in k}
+        kept.append(row)
+    return kept
 
 
 def print_summary(job: P2XJob, report: dict) -> None:
@@ -248,7 +278,25 @@ def print_summary(job: P2XJob, report: dict) -> None:
         f"surgery      : {'applied (see surgery_report.csv)' if s.surgery_applied else 'not applied on this run'}",
     ]
     for row in report["results"]:
+        interval = (
+            f" [{row['accuracy_low']:.3f}, {row['accuracy_high']:.3f}]"
+            if "accuracy_low" in row
+            else ""
+        )
         lines.append(
-            f"downstream   : {row['encoder']:<12} accuracy {row['accuracy']:.3f}  macro-F1 {row['macro_f1']:.3f}"
+            f"downstream   : {row['encoder']:<16} accuracy {row['accuracy']:.3f}{interval}  macro-F1 {row['macro_f1']:.3f}"
+        )
+    for d in _paired(report["results"]):
+        verdict = "interval excludes 0" if d["accuracy_excludes_0"] else "interval includes 0"
+        lines.append(
+            f"difference   : {d['encoder'] + ' - ' + d['reference']:<26} accuracy "
+            f"{100 * d['accuracy']:+.1f} points, 95% CI [{100 * d['accuracy_low']:+.1f}, "
+            f"{100 * d['accuracy_high']:+.1f}] ({verdict})"
         )
     print("\n".join(lines))
+
+
+def _paired(rows: list[dict]) -> list[dict]:
+    from medp2x.evaluate import paired_differences
+
+    return paired_differences(rows) if rows else []

@@ -49,6 +49,10 @@ def test_demo_bundle_runs_every_stage_and_resumes(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "Resuming from" in again.stdout
     assert "not applied on this run" in again.stdout
+    # max_iterations holds on resume too: the first stage is not trained on to its last epoch.
+    assert (
+        "first stage: 4 iterations" in first.stdout and "first stage: 4 iterations" in again.stdout
+    )
 
 
 def test_missing_data_dir_is_one_clear_error(tmp_path):
