@@ -1,0 +1,95 @@
+"""benchmarks/parity.py and its helpers: both sides start from the same weights, lightly's
+split-BN MoCo backbone is read back as the network it trained, the timed window is the same
+arithmetic for both, and the verdicts are the issue's bars."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import each other by name
+
+import parity  # noqa: E402
+import parity_train  # noqa: E402
+
+from medp2x.networks import build_encoder  # noqa: E402
+
+
+def test_images_per_second_leave_out_warm_up_and_start_up():
+    # iterations end at t = 10 (start-up before), 11, 12 (warm-up), then every 0.5 s
+    times = [10.0, 11.0, 12.0, 12.5, 13.0, 13.5, 14.0]
+    out = parity_train.throughput(times, batch_size=8)
+    assert out["timed_iterations"] == 4
+    assert out["img_per_s"] == pytest.approx(8 * 4 / 2.0)
+    assert out["img_per_s_median"] == pytest.approx(16.0)
+
+
+def test_cpu_clock_reads_the_cpu_between_two_stamps():
+    clock = parity_train.CpuClock(period=1e9)  # no thread samples: only the two below
+    clock.samples = [(0.0, 0.0), (10.0, 20.0)]  # 2 CPU seconds per wall second
+    assert clock.cpu_between(2.0, 4.0) == pytest.approx(4.0)
+    clock.stop()
+
+
+def test_lightly_backbone_starts_from_medp2x_initial_weights():
+    pytest.importorskip("lightly")
+    import parity_lightly
+
+    torch.manual_seed(3)
+    ours = build_encoder("resnet18").state_dict()
+    torch.manual_seed(3)
+    theirs = parity_lightly.resnet18_backbone().state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_split_batchnorm_backbone_is_saved_as_the_torchvision_network_it_evaluates_as():
+    pytest.importorskip("lightly")
+    from functools import partial
+
+    import parity_lightly
+    from lightly.models.batchnorm import SplitBatchNorm
+
+    torch.manual_seed(0)
+    split = parity_lightly.resnet18_backbone(partial(SplitBatchNorm, num_splits=4)).train()
+    with torch.no_grad():
+        for _ in range(3):  # per-split running statistics that differ between splits
+            split(torch.rand(8, 3, 32, 32) * torch.arange(1.0, 9.0).view(8, 1, 1, 1))
+    state = parity_lightly.plain_backbone_state(split)
+    plain = build_encoder("resnet18")
+    plain.load_state_dict(state)  # strict: torchvision's keys and shapes
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(x), split.eval()(x), atol=1e-5)
+
+
+def rows(method, medp2x, lightly, se=0.01, speed=(100.0, 100.0)):
+    return [
+        {"method": method, "implementation": impl, "protocol": "linear", "accuracy": acc,
+         "se": se, "img_per_s": ips}
+        for impl, acc, ips in (("medp2x", medp2x, speed[0]), ("lightly", lightly, speed[1]))
+    ]  # fmt: skip
+
+
+def test_parity_allows_two_standard_errors_of_the_difference_and_no_slowdown():
+    se_diff = 0.01 * 2**0.5
+    close = rows("simclr", 0.80 - 1.9 * se_diff, 0.80, speed=(100.0, 100.0))
+    far = rows("byol", 0.80 - 2.1 * se_diff, 0.80, speed=(99.0, 100.0))
+    verdicts = {v["method"]: v for v in parity.parity_verdicts(close + far, ["simclr", "byol"])}
+    assert verdicts["simclr"]["accuracy_ok"] and verdicts["simclr"]["speed_ok"]
+    assert not verdicts["byol"]["accuracy_ok"] and not verdicts["byol"]["speed_ok"]
+
+
+def test_learning_is_measured_against_the_best_random_init():
+    table = rows("simclr", 0.75, 0.70) + [
+        {"method": "random_init", "implementation": "random", "protocol": "linear",
+         "accuracy": acc, "se": 0.01}
+        for acc in (0.65, 0.71, 0.68)
+    ]  # fmt: skip
+    learning = {r["implementation"]: r for r in parity.learning_verdicts(table)}
+    assert learning["medp2x"]["margin"] == pytest.approx(0.04)
+    assert learning["medp2x"]["learns"] and not learning["lightly"]["learns"]
