@@ -305,6 +305,19 @@ def test_chestxray8_pretraining_reads_unlabelled_grayscale(tmp_path):
     assert sample["label"] == -1 and sample["image"].shape == (1, 24, 24)
 
 
+def test_benchmark_pretraining_images_keep_their_shape_capped_at_the_source_size(tmp_path):
+    """Pretraining crops come from the image itself (issue #14 item 2): a 90 x 45 radiograph
+    read with a source size of 30 keeps its 2:1 aspect (30 x 60) instead of a 30 x 30 squash,
+    and EuroSAT's 32 px images are never enlarged to a 64 px source."""
+    pixels = np.random.default_rng(0).integers(0, 256, (45, 90), dtype=np.uint8)
+    (tmp_path / "xray" / "images").mkdir(parents=True)
+    Image.fromarray(pixels).save(tmp_path / "xray" / "images" / "00000001_000.png")
+    xray = dataset_factory("xray")(tmp_path / "xray", 30)
+    assert tuple(xray[0]["image"].shape) == (1, 30, 60)
+    satellite = dataset_factory("satellite")(make_eurosat(tmp_path / "eurosat"), 64)
+    assert tuple(satellite[0]["image"].shape) == (3, 32, 32)
+
+
 def write_dicom(path: Path, pixels: np.ndarray) -> Path:
     """A minimal 16-bit MONOCHROME2 DX file, as an X-ray archive exports it."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -340,7 +353,11 @@ def test_hospital_dicom_and_nifti_folders_use_the_project_readers(tmp_path):
     ramp = (np.arange(32 * 48).reshape(32, 48) * 4095 // (32 * 48 - 1)).astype(np.uint16)
     write_dicom(tmp_path / "xray" / "patient1" / "cr.dcm", ramp)
     xrays = dataset_factory("xray")(tmp_path / "xray", 24)
-    assert isinstance(xrays, DicomDataset) and xrays[0]["image"].shape == (1, 24, 24)
+    assert isinstance(xrays, DicomDataset) and xrays[0]["image"].shape == (
+        1,
+        24,
+        36,
+    )  # 32 x 48 kept 2:3
     volume = np.zeros((24, 24, 6), np.float32)
     volume[4:20, 4:20, :] = np.random.default_rng(0).uniform(100, 200, (16, 16, 6))
     (tmp_path / "mri").mkdir()

@@ -169,9 +169,20 @@ def held_out_split(dataset: ImageFileDataset) -> Splits:
     return Subset(dataset, kept.tolist()), Subset(dataset, held.tolist())
 
 
+# Readers here never squash: pretraining crops from each image at its own resolution (its
+# shorter side capped at image_size = the run's source_size) and evaluation resizes the shorter
+# side and centre-crops in its own view (medp2x.eval.images).
+KEEP_SHAPE = "cap"
+
+
 def _labelled(items, classes, gray, image_size, on_error) -> ImageFileDataset:
     return ImageFileDataset(
-        items, gray=gray, image_size=image_size, on_error=on_error, classes=classes
+        items,
+        gray=gray,
+        image_size=image_size,
+        resize=KEEP_SHAPE,
+        on_error=on_error,
+        classes=classes,
     )
 
 
@@ -301,19 +312,31 @@ def read_medical_images(
         from medp2x.data.dicom import DicomDataset
 
         return DicomDataset(
-            root, image_size=image_size, channels=1 if gray else 3, on_error=on_error
+            root,
+            image_size=image_size,
+            resize=KEEP_SHAPE,
+            channels=1 if gray else 3,
+            on_error=on_error,
         )
     if any(n.endswith(NIFTI_SUFFIXES) for n in names):
         from medp2x.data.nifti import NiftiSliceDataset
 
         return NiftiSliceDataset(
-            root, image_size=image_size, channels=1 if gray else 3, on_error=on_error
+            root,
+            image_size=image_size,
+            resize=KEEP_SHAPE,
+            channels=1 if gray else 3,
+            on_error=on_error,
         )
     files = _image_files(root, exclude)
     if not files:
         raise FileNotFoundError(f"no DICOM, NIfTI or image files under {root}")
     return ImageFileDataset(
-        [(f, -1) for f in files], gray=gray, image_size=image_size, on_error=on_error
+        [(f, -1) for f in files],
+        gray=gray,
+        image_size=image_size,
+        resize=KEEP_SHAPE,
+        on_error=on_error,
     )
 
 
@@ -359,7 +382,7 @@ def read_mri_pretraining(
         return read_medical_images(root, image_size, gray=True, on_error=on_error)
     found = _require(root, found, "mri", "pretraining")
     return ImageFolderDataset(
-        found / "Training", gray=True, image_size=image_size, on_error=on_error
+        found / "Training", gray=True, image_size=image_size, resize=KEEP_SHAPE, on_error=on_error
     )
 
 
@@ -446,6 +469,7 @@ def _tfds_pair(name, label_key, splits, root, image_size, gray, max_samples, ove
             label_key,
             gray=gray,
             image_size=image_size,
+            resize=KEEP_SHAPE,
             max_samples=max_samples,
             override=override,
         )
