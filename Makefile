@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench clean
+.PHONY: demo test lint format bench bench-parity clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/wsi_throughput.py
 	$(PY) benchmarks/views_device.py
+
+# Parity with lightly (#14): installs the benchmark-only extra; ~1 h on a 2-core CPU (docs/methods.md).
+bench-parity: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) benchmarks/parity.py
 
 clean:
 	rm -rf runs .pytest_cache
