@@ -167,17 +167,17 @@ class P2XJob:
             compare_encoders,
             format_differences,
             format_table,
-            resolve_encoder,
             write_results,
         )
 
-        channels = 1 if self.modality == "gray" else 3
-        encoders = {"Random": resolve_encoder("random", arch, channels, seed=self.seed)}
+        # Files, not modules: the evaluation then checks each run's seen-files record against
+        # the test split (and refuses an encoder that was pretrained on a test image).
+        encoders = {"Random": "random"}
         if first_stage is not None:
-            encoders["First stage"] = resolve_encoder(first_stage)
-        encoders[self.schedule.upper()] = resolve_encoder(p2x_path)
+            encoders["First stage"] = str(first_stage)
+        encoders[self.schedule.upper()] = str(p2x_path)
         if demo:  # what colour alone scores: chance on the demo's decolourised tiles
-            encoders["Colour histogram"] = resolve_encoder("colour_histogram")
+            encoders["Colour histogram"] = "colour_histogram"
         print(
             f"[4/4] {self.eval_protocol} evaluation of {', '.join(encoders)} on {len(train)} train / {len(test)} test samples"
         )
@@ -189,6 +189,8 @@ class P2XJob:
             epochs=self.eval_epochs,
             image_size=image_size,
             seed=self.seed,
+            arch=arch,
+            in_channels=1 if self.modality == "gray" else 3,
             reference=["Random", "First stage"] if first_stage is not None else ["Random"],
         )
         rows = _claimed_differences(rows, self.schedule.upper())
