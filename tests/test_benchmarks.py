@@ -62,7 +62,9 @@ def save_image(
 
 def make_chestxray8(root: Path) -> Path:
     for i in range(8):
-        save_image(root / "images" / f"{i:08d}_000.png", gray=True, seed=i)
+        # seeds apart from the downstream sets': identical pixels would be the same file to the
+        # seen-files check (the bundle would rightly refuse to score on them)
+        save_image(root / "images" / f"{i:08d}_000.png", gray=True, seed=1000 + i)
     return root
 
 
