@@ -5,13 +5,15 @@ First stage: the shared SimCLR ResNet-18 (``../shared/models/stage1_resnet18_sim
 64 px inputs, ImageNet mean/std). Second stage: the project's tiny SimCLR recipe
 (``medp2x.engine.pretrain`` with ``ssl_checkpoint``) on the training half of EuroSAT RGB
 (labels unused), once per variant: weight scaling ``per_layer`` / ``per_filter`` / ``none`` at
-the recipe's learning rate, and the same three "gentle" (linear warm-up, peak lr / 10).
+the recipe's learning rate, and ``per_layer`` / ``per_filter`` "gentle" (a one-pass linear
+warm-up and a tenth of the peak lr); ``none, gentle`` and ``per_filter, lr/10`` (no warm-up)
+on request (``--variants``). docs/surgery.md reads the results.
 
 Every encoder is scored by the parity benchmark's probe: one stratified 50/50 split of
 EuroSAT RGB (seed 0), the test half never pretrained on; a linear probe
 (``medp2x.evaluate.linear_probe`` on frozen features, L2 strength chosen on a stratified 10%
 of the training half) and kNN (k = 20, cosine); accuracy +- binomial standard error. Both with
-BN statistics as saved and re-averaged over the training half (PreciseBN), since surgery
+BN statistics as saved and re-averaged over the probe's training images (PreciseBN), since surgery
 rewrites the running statistics and a second stage moves them. Random inits (BN re-averaged)
 are the floor.
 
@@ -20,7 +22,7 @@ norm it leaves, and the effective learning-rate factor it implies. A conv follow
 invariant to the scale of each filter, so a step's relative size is lr / ||w||^2: dividing a
 filter by sqrt(s) multiplies its effective learning rate by s.
 
-    python benchmarks/p2x_surgery.py [--epochs 10] [--train-size 32] [--seeds 1]
+    python benchmarks/p2x_surgery.py [--epochs 8] [--train-size 32] [--seeds 1] [--variants ...]
 
 Writes ``benchmarks/results/p2x_surgery.{csv,md,png}``; the runs (loss curves, surgery
 reports) go to ``benchmarks/results/runs/p2x_surgery/``.
@@ -33,6 +35,7 @@ import copy
 import csv
 import math
 import platform
+import shlex
 import shutil
 import sys
 import time
@@ -90,8 +93,9 @@ VARIANTS = (
     Variant("per_layer, gentle", "per_layer", lr_factor=0.1, warmup_epochs=1),
     Variant("per_filter, gentle", "per_filter", lr_factor=0.1, warmup_epochs=1),
     Variant("none, gentle", "none", lr_factor=0.1, warmup_epochs=1),
+    Variant("per_filter, lr/10", "per_filter", lr_factor=0.1),  # what a bundle's --lr alone does
 )
-OPTIONAL = ("none, gentle",)  # run on request (--variants): the CPU budget holds five
+OPTIONAL = ("none, gentle", "per_filter, lr/10")  # on request (--variants): CPU budget
 
 
 # ----------------------------------------------------------------------------- the probe
@@ -312,13 +316,19 @@ def _losses(r: dict) -> str:
     return f"{r['loss_first_epoch']:.2f} → {r['loss_last_epoch']:.2f}"
 
 
+def short_label(encoder: str) -> str:
+    """A bar's label on two short lines."""
+    label = "first stage" if encoder == FIRST_STAGE else encoder.removeprefix("P2X ")
+    return label.replace(", ", ",\n").replace(" (", "\n(")
+
+
 def plot(records: list[dict], path: Path, title: str, n_test: int) -> None:
     """Linear and kNN accuracy (BN re-averaged) per encoder, +- 1 s.e., the first stage's
     values as dashed lines: a bar below its line lost first-stage features."""
     from medp2x.plots import plt
 
     shown = [r for r in records if r.get("linear_recomputed") is not None]
-    names = [r["encoder"].replace("P2X ", "").replace(", ", ",\n") for r in shown]
+    names = [short_label(r["encoder"]) for r in shown]
     x = np.arange(len(shown))
     fig, ax = plt.subplots(figsize=(max(6.4, 0.9 * len(shown)), 4.0), dpi=120)
     for offset, protocol, colour in ((-0.2, "linear", "C0"), (0.2, "knn", "C1")):
@@ -330,7 +340,8 @@ def plot(records: list[dict], path: Path, title: str, n_test: int) -> None:
     ax.set_xticks(x, names, fontsize=7)
     ax.set_ylabel("EuroSAT test-half accuracy (%)")
     low = min(100 * r[f"{p}_recomputed"] for r in shown for p in ("linear", "knn"))
-    ax.set_ylim(max(0.0, low - 10), 100)
+    high = max(100 * r[f"{p}_recomputed"] for r in shown for p in ("linear", "knn"))
+    ax.set_ylim(max(0.0, low - 10), min(100.0, high + 8))
     ax.set_title(title, fontsize=8)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
@@ -472,7 +483,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     score_all(records, encoders, randoms, probe, args)
 
-    command = "python benchmarks/p2x_surgery.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = shlex.join(
+        ["python", "benchmarks/p2x_surgery.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     timing = (
         f"whole run {(time.perf_counter() - wall) / 60:.1f} min wall-clock, "
         f"{(time.process_time() - cpu) / 60:.1f} CPU-min (load average {load_start} at the "
@@ -505,7 +518,7 @@ def header(args, n_pretrain: int, n_test: int, command: str, timing: str) -> str
         f"binomial s.e. Effective lr ×: peak lr relative to the recipe's times the mean over "
         f"filters of (norm before / norm after surgery)². Conv weights moved: mean over layers "
         f"of ‖w_end − w_start‖ / ‖w_start‖.\n\n"
-        f"Command: `{command.strip()}`. CPU: {cpu_model()}, {args.threads} threads, torch "
+        f"Command: `{command}`. CPU: {cpu_model()}, {args.threads} threads, torch "
         f"{torch.__version__}; {timing}."
     )
 

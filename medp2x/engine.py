@@ -69,7 +69,7 @@ class PretrainConfig:
     lr: float | None = None
     ssl_checkpoint: str | Path | None = None
     checkpoint_format: str = "auto"
-    scale: str = "per_layer"  # weight surgery, applied only to a fresh run from ssl_checkpoint
+    scale: str = "per_filter"  # weight surgery, applied only to a fresh run from ssl_checkpoint
     filters: str = "copy"
     modality: str = "rgb"  # "rgb" or "gray": channels of the stem and the augmentation recipe
     normalization: dict | str | None = (

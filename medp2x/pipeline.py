@@ -44,7 +44,7 @@ class P2XJob:
     epochs: int | None = None
     epoch_length: int | None = None  # samples per epoch (None: the profile's; 0: one pass)
     lr: float | None = None
-    scale: str = "per_layer"
+    scale: str = "per_filter"
     filters: str = "copy"
     modality: str = "rgb"
     normalization: str = "auto"

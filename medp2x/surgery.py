@@ -8,8 +8,13 @@ eval-mode function is unchanged; (2) replaces each dead filter with a copy of a 
 filter of the same layer. There is no reference code; ``docs/surgery.md`` explains each choice.
 
 Choices where the paper is silent (all options, documented defaults):
-- ``scale="per_layer"`` uses one s per conv (the text); ``"per_filter"`` one s per output
-  channel (the way Fig. 1 counts). Both preserve the eval function since BN is per channel.
+- ``scale="per_filter"`` (default) uses one s per output channel, the unit Fig. 1 counts and
+  the only one for which the text's "if the norm is greater than 1" tells inflated weights
+  from ordinary ones (a whole layer's norm is above 1 in every ResNet, supervised ones too);
+  ``"per_layer"`` uses one s per conv, the text's "norm of each layer": every layer is
+  divided by √s (s about √filters × a filter's norm: 5-24 on a ResNet-18) and the effective
+  learning rate of its filters multiplied by s. Both preserve the eval function since BN is
+  per channel. ``benchmarks/p2x_surgery.py`` measured the consequence and chose the default.
 - ``eps_exact=True`` folds BatchNorm's ε into γ so the function is preserved exactly with the
   usual ε = 1e-5 too: γ' = γ·√s·√(v/s² + ε)/√(v + ε), which is the paper's γ/√s when ε = 0.
   ``eps_exact=False`` is the paper's formula verbatim.
@@ -45,6 +50,7 @@ logger = logging.getLogger("medp2x.surgery")
 
 SCALE_MODES = ("per_layer", "per_filter", "none")
 FILTER_MODES = ("copy", "random", "none")
+DEFAULT_SCALE = "per_filter"  # why: docs/surgery.md, "Which scaling by default"
 
 
 # ----------------------------------------------------------------------------- finding layers
@@ -400,7 +406,7 @@ def _scale_pair(pair: ConvBN, s: torch.Tensor, eps_exact: bool) -> None:
 @torch.no_grad()
 def apply_surgery(
     encoder: nn.Module,
-    scale: str = "per_layer",
+    scale: str = DEFAULT_SCALE,
     filters: str = "copy",
     threshold: float = 1.0,
     dead_threshold: float = 0.1,
@@ -409,8 +415,8 @@ def apply_surgery(
 ) -> SurgeryReport:
     """Scale exploding weights and replace dead filters of ``encoder`` in place.
 
-    ``scale``: ``"per_layer"`` (one Frobenius norm s per conv), ``"per_filter"`` (one per
-    output channel) or ``"none"``; only norms above ``threshold`` are scaled.
+    ``scale``: ``"per_filter"`` (one Frobenius norm s per output channel, the default),
+    ``"per_layer"`` (one per conv) or ``"none"``; only norms above ``threshold`` are scaled.
     ``filters``: dead filters (norm < ``dead_threshold``) become ``"copy"`` of a random live
     filter of the same layer, ``"random"`` Kaiming-initialised ones, or stay (``"none"``).
     ``eps_exact`` keeps the eval-mode function exact with BN's ε > 0 (see ``_scale_pair``).
@@ -547,7 +553,7 @@ class SurgeryHandler:
     def __init__(
         self,
         model: nn.Module | Callable[[], nn.Module],
-        scale: str = "per_layer",
+        scale: str = DEFAULT_SCALE,
         filters: str = "copy",
         seed: int = 0,
         output_dir: str | Path | None = None,

@@ -229,6 +229,71 @@ def test_per_filter_scaling_only_touches_filters_above_threshold(net):
     assert change.scaled_filters == int((~small).sum())
 
 
+# -------------------------------------------------------------------------------- the default
+def small_filters_block(inflated: int = 0) -> nn.Sequential:
+    """conv -> BN with 64 filters of norm 0.5 (the layer's Frobenius norm is 4), the first
+    ``inflated`` of them raised to norm 4: a layer like a supervised or briefly trained one."""
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Conv2d(16, 64, 3, bias=False), nn.BatchNorm2d(64))
+    with torch.no_grad():
+        weight = block[0].weight
+        weight.mul_(0.5 / weight.flatten(1).norm(dim=1).view(-1, 1, 1, 1))
+        weight[:inflated].mul_(8)
+        block[1].weight.uniform_(0.5, 1.5)
+        block[1].running_var.uniform_(0.5, 2.0)
+    return block.eval()
+
+
+def test_default_surgery_leaves_an_already_small_layer_alone():
+    """No filter is above 1, so the default does nothing, though the layer's norm is 4:
+    per_layer would divide it by 2 and multiply its effective learning rate by 4 (docs/surgery.md,
+    issue #14 item 7)."""
+    block = small_filters_block()
+    before = state(block)
+    report = apply_surgery(block)
+    assert report.options["scale"] == "per_filter"
+    assert report.n_scaled_layers == 0
+    assert_bit_equal(before, state(block))
+
+
+def test_default_surgery_scales_only_the_inflated_filter():
+    block = small_filters_block(inflated=1)
+    before = state(block)
+    apply_surgery(block)
+    norms = block[0].weight.detach().double().flatten(1).norm(dim=1)
+    assert norms[0].item() == pytest.approx(2.0, rel=1e-6)  # 4 -> sqrt(4)
+    assert torch.equal(block[0].weight[1:], before["0.weight"][1:])
+    assert torch.equal(block[1].running_var[1:], before["1.running_var"][1:])
+    assert block[1].running_var[0].item() == pytest.approx(before["1.running_var"][0] / 16)
+
+
+def test_every_entry_point_has_the_same_default_scale():
+    """The API, the Ignite handler, the engine, the bundles' job and defaults, and the CLI."""
+    import dataclasses
+    import inspect
+    import json
+    from pathlib import Path
+
+    from medp2x.cli import build_parser
+    from medp2x.engine import PretrainConfig
+    from medp2x.pipeline import P2XJob
+
+    def default(cls) -> str:
+        return next(f.default for f in dataclasses.fields(cls) if f.name == "scale")
+
+    repo = Path(__file__).resolve().parents[1]
+    defaults = json.loads((repo / "configs" / "defaults.json").read_text())
+    found = {
+        "apply_surgery": inspect.signature(apply_surgery).parameters["scale"].default,
+        "SurgeryHandler": inspect.signature(SurgeryHandler).parameters["scale"].default,
+        "PretrainConfig": default(PretrainConfig),
+        "P2XJob": default(P2XJob),
+        "configs/defaults.json": defaults["scale"],
+        "medp2x surgery": build_parser().parse_args(["surgery", "in", "out"]).scale,
+    }
+    assert found == dict.fromkeys(found, "per_filter")
+
+
 def test_train_mode_output_shrinks_by_sqrt_s():
     """What the second stage sees: BN normalises with batch statistics, so only γ/√s is left
     of the surgery and each BN's output minus β is divided by √s (ε aside)."""

@@ -8,7 +8,7 @@ sidecar naming the input normalisation the weights expect, which ``read_checkpoi
 Examples::
 
     medp2x surgery simclr_r50.pth simclr_r50_p2x.pth
-    medp2x surgery swav.pth swav_p2x.pth --scale per_filter --filters random --seed 1 --plot norms.png
+    medp2x surgery swav.pth swav_p2x.pth --scale per_layer --filters random --seed 1 --plot norms.png
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import argparse
 import torch
 
 from medp2x.commands.inspect import add_reading_options, read_backbone
-from medp2x.surgery import FILTER_MODES, SCALE_MODES
+from medp2x.surgery import DEFAULT_SCALE, FILTER_MODES, SCALE_MODES
 
 
 def register(subparsers) -> None:
@@ -33,8 +33,8 @@ def register(subparsers) -> None:
     p.add_argument(
         "--scale",
         choices=SCALE_MODES,
-        default="per_layer",
-        help="Frobenius-norm scaling (default per_layer)",
+        default=DEFAULT_SCALE,
+        help=f"Frobenius-norm scaling (default {DEFAULT_SCALE})",
     )
     p.add_argument(
         "--filters",
