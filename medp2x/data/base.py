@@ -16,6 +16,8 @@ one truncated file never kills a week-long run.
 from __future__ import annotations
 
 import logging
+import math
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +26,7 @@ from typing import Literal
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from torch.utils.data import Dataset, Subset
 
 logger = logging.getLogger("medp2x.data")
 
@@ -32,6 +35,13 @@ ResizeMode = Literal["square", "shorter", "cap"]
 RESIZE_MODES = ("square", "shorter", "cap")
 CAP_LONGER_SIDE = 2  # "cap" also holds the longer side to this many times image_size
 
+# The pixel budget: the most values (height x width x channels, per frame or per volume) a
+# reader decodes at once. Every reader checks the size a file *declares* against it before
+# allocating anything, so a 200-byte header that claims 30000^3 voxels is refused, not read.
+# 2^27 values: a 11585^2 grey or 6689^2 RGB image, a 512^3 volume; 512 MiB as float32.
+DEFAULT_PIXEL_BUDGET = 1 << 27
+PIXEL_BUDGET_ENV = "MEDP2X_PIXEL_BUDGET"
+
 
 class UnreadableFileError(ValueError):
     """A file a reader cannot turn into pixels. The message is ``<path>: <reason>``."""
@@ -39,6 +49,47 @@ class UnreadableFileError(ValueError):
     def __init__(self, path: str | Path, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"{path}: {reason}")
+
+
+def pixel_budget() -> int:
+    """The pixel budget in force: ``$MEDP2X_PIXEL_BUDGET`` if set (read at every check, so
+    DataLoader workers and bundles see the same value), else ``DEFAULT_PIXEL_BUDGET``."""
+    text = os.environ.get(PIXEL_BUDGET_ENV, "").strip().replace("_", "")
+    if not text:
+        return DEFAULT_PIXEL_BUDGET
+    try:
+        value = int(float(text)) if "e" in text.lower() else int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"{PIXEL_BUDGET_ENV}={text!r}: the pixel budget must be a positive integer"
+        )
+    return value
+
+
+def set_pixel_budget(values: int) -> None:
+    """Set the pixel budget for this process and the worker processes it starts."""
+    if int(values) < 1:
+        raise ValueError(f"the pixel budget must be a positive integer, not {values!r}")
+    os.environ[PIXEL_BUDGET_ENV] = str(int(values))
+
+
+def check_pixel_budget(path: str | Path, shape: Sequence[int], what: str = "image") -> None:
+    """Refuse a file whose declared ``shape`` (H, W[, C] or X, Y, Z) has no pixels or more
+    values than the pixel budget, *before* anything of that size is allocated."""
+    dims = [int(n) for n in shape]
+    text = " x ".join(map(str, dims))
+    if not dims or min(dims) < 1:
+        raise UnreadableFileError(path, f"{what} of declared size {text} has no pixels")
+    values, budget = math.prod(dims), pixel_budget()
+    if values > budget:
+        raise UnreadableFileError(
+            path,
+            f"declared {what} size {text} = {values:,} values exceeds the pixel budget of "
+            f"{budget:,} (a decompression bomb or a whole slide? raise {PIXEL_BUDGET_ENV} "
+            "if the file is genuine)",
+        )
 
 
 @dataclass
@@ -111,6 +162,74 @@ class SkipUnreadable:
             sample["meta"]["skipped"] = passed_over
             return sample
         raise UnreadableFileError(getattr(self, "root", "dataset"), "no readable sample left")
+
+
+class SplitSubset(Subset):
+    """One split of a dataset (``indices`` into it) that never serves another split's image.
+
+    ``SkipUnreadable`` stands in the next readable sample *of the whole dataset*, which for a
+    test split cut out of a shared dataset can be a training image with its label. Built by
+    ``drop_unreadable``, a split holds only samples that were read once; should one fail later
+    (the file changed), the next sample of the same split stands in and it is counted."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int], dropped: Sequence = ()):
+        super().__init__(dataset, list(indices))
+        self.dropped: list[tuple[str, str]] = list(dropped)  # (file, reason), found up front
+        self.skipped = SkipLog()  # failures after the check
+
+    def __getitem__(self, index: int) -> dict:
+        load = getattr(self.dataset, "load", self.dataset.__getitem__)
+        for offset in range(len(self.indices)):
+            candidate = self.indices[(index + offset) % len(self.indices)]
+            try:
+                sample = load(candidate)
+            except UnreadableFileError as err:
+                self.skipped.add(err.path, err.reason)
+                continue
+            sample.setdefault("meta", {})["skipped"] = offset
+            return sample
+        raise UnreadableFileError(getattr(self.dataset, "root", "split"), "no readable sample left")
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        return [self[i] for i in indices]
+
+
+def flatten_subset(dataset: Dataset) -> tuple[Dataset, list[int]]:
+    """(the dataset under any nesting of ``Subset``, the indices into it)."""
+    indices: list[int] | None = None
+    while isinstance(dataset, Subset):
+        inner = [int(i) for i in dataset.indices]
+        indices = inner if indices is None else [inner[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, list(range(len(dataset))) if indices is None else indices  # type: ignore[arg-type]
+
+
+def drop_unreadable(split: Dataset) -> SplitSubset | Dataset:
+    """``split`` without the samples that cannot be read, each bad file dropped from its own
+    split and listed in ``.dropped``: a labelled split (train or test of an evaluation) must
+    never have a bad file replaced by an image of another split. Every sample is decoded once,
+    up front. Datasets without ``load`` (in-memory arrays, TFDS) are returned as they are."""
+    base, indices = flatten_subset(split)
+    load = getattr(base, "load", None)
+    if load is None:
+        return split
+    keep, dropped, bad_files = [], [], set()
+    for i in indices:
+        source = base.source_of(i) if hasattr(base, "source_of") else i
+        if source in bad_files:
+            continue
+        try:
+            load(i)
+        except UnreadableFileError as err:
+            bad_files.add(source)
+            dropped.append((err.path, err.reason))
+            continue
+        keep.append(i)
+    if dropped:
+        logger.warning(
+            "%d unreadable file(s) dropped from a split of %d", len(dropped), len(indices)
+        )
+    return SplitSubset(base, keep, dropped)
 
 
 def check_on_error(on_error: str) -> OnError:

@@ -37,7 +37,7 @@ from pydicom.pixels import (
     get_decoder,
     pixel_array,
 )
-from pydicom.uid import UID
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from torch.utils.data import Dataset as TorchDataset
 
 from medp2x.data.base import (
@@ -46,6 +46,7 @@ from medp2x.data.base import (
     SkipUnreadable,
     UnreadableFileError,
     check_on_error,
+    check_pixel_budget,
     check_resize,
     existing_path,
     handle_bad_file,
@@ -182,9 +183,40 @@ def _has_dicom_marker(path: Path) -> bool:
         return False
 
 
+def _is_raw_dicom(path: Path) -> bool:
+    """A DICOM data set without the Part 10 preamble and ``DICM`` marker (ACR-NEMA-style and
+    older exports): the file opens on an element of group 0008 (or 0002), little endian, with
+    either an explicit VR or a plausible implicit length. pydicom reads these with ``force``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    if len(head) < 8:
+        return False
+    group, element = struct.unpack("<HH", head[:4])
+    if group not in (0x0002, 0x0008) or element > 0x1FFF:
+        return False
+    vr = head[4:6]
+    return (vr.isalpha() and vr.isupper()) or struct.unpack("<L", head[4:8])[0] < (1 << 16)
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    return _has_dicom_marker(path) or _is_raw_dicom(path)
+
+
+def _inferred_syntax(header: Dataset) -> UID:
+    """The transfer syntax of a file without a file meta header, from how pydicom read it."""
+    implicit, little = header.original_encoding
+    if implicit:
+        return ImplicitVRLittleEndian
+    return ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
+
+
 def find_dicom_files(root: str | Path) -> list[Path]:
     """DICOM candidates under ``root`` (itself if a file), sorted: files with a DICOM suffix,
-    and suffix-less files carrying the ``DICM`` marker (scanners often write ``IM0001``).
+    and suffix-less files carrying the ``DICM`` marker (scanners often write ``IM0001``) or
+    opening on a DICOM element without it (older ACR-NEMA-style exports).
     ``DICOMDIR`` and hidden files are directories' bookkeeping, not images."""
     root = existing_path(root, "DICOM root")
     if root.is_file():
@@ -194,7 +226,7 @@ def find_dicom_files(root: str | Path) -> list[Path]:
         if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
             continue
         suffix = path.suffix.lower()
-        if suffix in DICOM_SUFFIXES or (not suffix and _has_dicom_marker(path)):
+        if suffix in DICOM_SUFFIXES or (not suffix and _looks_like_dicom(path)):
             found.append(path)
     return found
 
@@ -215,9 +247,13 @@ def read_dicom_info(path: str | Path) -> DicomFileInfo:
         raise UnreadableFileError(path, "empty file (0 bytes)")
     with pydicom_silenced():
         try:
+            raw = not _has_dicom_marker(path) and _is_raw_dicom(path)
             with open(path, "rb") as f:
-                header = dcmread(f, stop_before_pixels=True, specific_tags=_INDEX_TAGS)
+                header = dcmread(f, stop_before_pixels=True, specific_tags=_INDEX_TAGS, force=raw)
                 pixel_offset = f.tell()
+                if raw:  # no file meta header: the transfer syntax is what pydicom inferred
+                    header.file_meta = pydicom.dataset.FileMetaDataset()
+                    header.file_meta.TransferSyntaxUID = _inferred_syntax(header)
                 info = _info_from_header(path, header)
                 _check_pixel_data(path, f, pixel_offset, size, info)
         except UnreadableFileError:
@@ -242,6 +278,7 @@ def _info_from_header(path: Path, header: Dataset) -> DicomFileInfo:
         reason = f"missing pixel data (no {'/'.join(missing)}: not an image object)"
         raise UnreadableFileError(path, reason)
     _check_decoder(path, syntax)
+    _check_geometry(path, header)
     photometric = str(header.get("PhotometricInterpretation") or "MONOCHROME2").strip().upper()
     if photometric in _OTHER_PHOTOMETRICS:  # a known name: safe to echo
         raise UnreadableFileError(path, f"unsupported photometric interpretation {photometric}")
@@ -258,6 +295,26 @@ def _info_from_header(path: Path, header: Dataset) -> DicomFileInfo:
         bits_stored=_as_int(header.get("BitsStored"), int(header.BitsAllocated)),
         transfer_syntax=str(syntax) if _UID.match(str(syntax)) else "(malformed UID)",
     )
+
+
+def _check_geometry(path: Path, header: Dataset) -> None:
+    """Frames, bit depth and the size of one frame, as declared, before any pixel is read:
+    a frame larger than the pixel budget is refused (a 200-byte RLE file may declare 65535^2),
+    and so are files that declare no frames or a depth no radiograph is stored in."""
+    frames = header.get("NumberOfFrames")
+    if frames not in (None, "") and _as_int(frames, -1) < 1:
+        raise UnreadableFileError(path, "Number of Frames is 0 or invalid: no frame to read")
+    bits = _as_int(header.get("BitsAllocated"), 0)
+    if bits not in (8, 16, 32):
+        what = "1-bit pixel data (a bitmap, e.g. a segmentation)" if bits == 1 else f"{bits}-bit"
+        raise UnreadableFileError(path, f"{what}: Bits Allocated must be 8, 16 or 32")
+    stored = _as_int(header.get("BitsStored"), bits)
+    if not 1 <= stored <= bits:
+        raise UnreadableFileError(path, f"Bits Stored {stored} does not fit Bits Allocated {bits}")
+    samples = _as_int(header.get("SamplesPerPixel"), 1)
+    if samples not in (1, 3):
+        raise UnreadableFileError(path, f"Samples per Pixel {samples}: only 1 or 3 are read")
+    check_pixel_budget(path, (int(header.Rows), int(header.Columns), samples), "frame")
 
 
 def _check_decoder(path: Path, syntax: UID) -> None:
@@ -346,9 +403,15 @@ def read_dicom_frame(
     header = Dataset()
     with pydicom_silenced():
         try:
-            raw = pixel_array(
-                os.fspath(path), index=frame, ds_out=header, specific_tags=_RENDER_TAGS
-            )
+            if not _has_dicom_marker(path) and _is_raw_dicom(path):
+                header = dcmread(path, force=True)  # no file meta: read whole, syntax inferred
+                header.file_meta = pydicom.dataset.FileMetaDataset()
+                header.file_meta.TransferSyntaxUID = _inferred_syntax(header)
+                raw = pixel_array(header, index=frame)
+            else:
+                raw = pixel_array(
+                    os.fspath(path), index=frame, ds_out=header, specific_tags=_RENDER_TAGS
+                )
             _flatten_frame_groups(header, frame)
             return _render(raw, header, window, percentiles)
         except UnreadableFileError:

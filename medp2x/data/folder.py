@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from medp2x.data.base import (
     UnreadableFileError,
     capped_shape,
     check_on_error,
+    check_pixel_budget,
     check_resize,
     existing_path,
     handle_bad_file,
@@ -40,7 +42,6 @@ from medp2x.data.base import (
 logger = logging.getLogger("medp2x.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
-MAX_PIXELS = 1 << 28  # larger images are whole slides: use WSITileDataset
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's "L"
 
 
@@ -249,17 +250,30 @@ def read_source(path: str | Path, cap: int | None = None) -> tuple[np.ndarray, t
 
 
 def _read_tiff(path: Path) -> np.ndarray | None:
+    """The TIFF's one 2-D image (grey or with samples), or None when tifffile cannot decode it
+    (Pillow then tries). The declared size is checked against the pixel budget first, and a
+    stack (a 3-D or 4-D TIFF: several planes in its first series) is refused, not read as
+    its first plane."""
     import tifffile
 
     try:
         with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            if int(np.prod(page.shape)) > MAX_PIXELS * 4:
+            series = tif.series[0]
+            planes = math.prod(
+                n for n, a in zip(series.shape, series.axes, strict=True) if a not in "YXS"
+            )
+            if planes > 1:
                 raise UnreadableFileError(
-                    path, f"{page.shape} image too large (a slide? use WSITileDataset)"
+                    path,
+                    f"a stack of {planes} images (TIFF axes {series.axes}, shape "
+                    f"{tuple(series.shape)}); only single 2-D images are read",
                 )
+            page = tif.pages[0]
+            check_pixel_budget(path, page.shape)
             return page.asarray()
     except UnreadableFileError:
+        raise
+    except MemoryError:
         raise
     except Exception:  # tifffile raises many types (codec missing, damaged IFDs): let PIL try
         return None
@@ -267,17 +281,20 @@ def _read_tiff(path: Path) -> np.ndarray | None:
 
 def _read_pil(path: Path, cap: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_PIXELS:
-                raise UnreadableFileError(
-                    path, f"{image.size} image too large (a slide? use WSITileDataset)"
-                )
-            size = _displayed_size(image)
+        with Image.open(path) as image:  # reads the header only
             if cap is not None and image.format == "JPEG":
+                size = _displayed_size(image)  # a JPEG's EXIF is in its header
                 height, width = capped_shape(image.height, image.width, cap)
                 image.draft(image.mode, (width, height))  # never below the requested size
+            # the size that will be decoded (a JPEG's draft scale included), before decoding
+            # anything: a PNG's EXIF may sit after its pixels, so its size is read after this
+            check_pixel_budget(path, (image.height, image.width, len(image.getbands())))
+            if cap is None or image.format != "JPEG":
+                size = _displayed_size(image)
             image = ImageOps.exif_transpose(image)  # camera photos: pixels as the user sees them
             return _pil_pixels(image), size
+    except UnreadableFileError:
+        raise
     except UnidentifiedImageError as err:
         raise UnreadableFileError(
             path, "not an image Pillow can identify (wrong format or damaged)"
@@ -323,6 +340,8 @@ def _standard_layout(path: Path, pixels: np.ndarray) -> np.ndarray:
         raise UnreadableFileError(path, "image has no pixels")
     if pixels.dtype.kind not in "uifb":
         raise UnreadableFileError(path, f"unsupported pixel type {pixels.dtype}")
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).any():
+        raise UnreadableFileError(path, "every pixel is NaN or infinite (no image content)")
     return pixels
 
 

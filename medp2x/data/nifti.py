@@ -14,7 +14,9 @@ and sagittal slices superior is at the top.
 from __future__ import annotations
 
 import fnmatch
+import gzip
 import logging
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,7 @@ from medp2x.data.base import (
     SkipUnreadable,
     UnreadableFileError,
     check_on_error,
+    check_pixel_budget,
     check_resize,
     existing_path,
     handle_bad_file,
@@ -138,7 +141,39 @@ def _spatial_shape_and_volumes(path: Path, image: nib.Nifti1Image) -> tuple[tupl
         shape = shape[:-1]
     if len(shape) not in (3, 4):
         raise UnreadableFileError(path, f"{len(shape)}D image; only 3D and 4D are read")
+    check_pixel_budget(path, shape[:3], "volume")  # one volume is read at a time
+    if len(shape) == 4 and shape[3] < 1:
+        raise UnreadableFileError(path, f"4D image of declared size {shape} has no volumes")
     return shape[:3], (shape[3] if len(shape) == 4 else 1)
+
+
+def verify_gzip_stream(path: Path, image: nib.Nifti1Image) -> None:
+    """Decompress a ``.nii.gz`` to its end so that gzip checks its CRC-32 and length.
+
+    nibabel reads only the bytes the header asks for and never reaches the gzip trailer, so a
+    damaged stream would be read with wrong voxels and no error. Streamed in 1 MiB chunks (no
+    memory), and stopped when the stream holds far more than the header declares (a gzip
+    bomb behind a small image)."""
+    declared = (
+        int(image.dataobj.offset) + int(np.prod(image.shape)) * image.get_data_dtype().itemsize
+    )
+    limit, total = declared + (64 << 20), 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(1 << 20):
+                total += len(chunk)
+                if total > limit:
+                    raise UnreadableFileError(
+                        path,
+                        f"gzip stream holds more than {limit:,} bytes; the header declares {declared:,}",
+                    )
+    except EOFError:
+        raise UnreadableFileError(
+            path, "truncated or corrupt image data (the gzip stream ends early)"
+        ) from None
+    except (gzip.BadGzipFile, zlib.error, OSError) as error:
+        reason = str(error) if isinstance(error, gzip.BadGzipFile) else type(error).__name__
+        raise UnreadableFileError(path, f"corrupt gzip stream ({reason})") from None
 
 
 def _read_data(path: Path, image: nib.Nifti1Image, slicer: tuple) -> np.ndarray:
@@ -150,9 +185,13 @@ def _read_data(path: Path, image: nib.Nifti1Image, slicer: tuple) -> np.ndarray:
     except Exception as error:
         reason = f"truncated or corrupt image data ({type(error).__name__})"
         raise UnreadableFileError(path, reason) from None
-    if not np.isfinite(data).all():
-        np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-    return data
+    finite = np.isfinite(data)
+    if not finite.all():
+        if not finite.any():
+            raise UnreadableFileError(path, "every voxel is NaN or infinite (no image content)")
+        # a copy: an uncompressed float32 file arrives as nibabel's read-only memory map
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.asarray(data)
 
 
 def _volume_slicer(image: nib.Nifti1Image, volume: int) -> tuple:
@@ -326,6 +365,8 @@ class NiftiSliceDataset(SkipUnreadable, TorchDataset):
         intensity window. Only those small results are kept."""
         image = _load_header(path)
         spatial, n_volumes = _spatial_shape_and_volumes(path, image)
+        if path.name.lower().endswith(".gz"):
+            verify_gzip_stream(path, image)
         volumes = range(n_volumes) if self.volume_index is None else [self.volume_index]
         if self.volume_index is not None and self.volume_index >= n_volumes:
             reason = f"volume_index {self.volume_index} out of range ({n_volumes} volume(s))"
@@ -358,6 +399,8 @@ class NiftiSliceDataset(SkipUnreadable, TorchDataset):
         if not mask_path.is_file():
             raise UnreadableFileError(path, f"mask not found: {mask_path.name}")
         mask_image = _load_header(mask_path)
+        if mask_path.name.lower().endswith(".gz"):
+            verify_gzip_stream(mask_path, mask_image)
         if mask_image.shape[:3] != spatial:
             reason = f"mask {mask_path.name} has shape {mask_image.shape[:3]}, image {spatial}"
             raise UnreadableFileError(path, reason)
