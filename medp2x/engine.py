@@ -474,7 +474,8 @@ def check_resumable(path: Path, stored: dict | None, current: dict) -> None:
 
 def pretrain(cfg: PretrainConfig) -> RunSummary:
     """Run (or resume) one self-supervised pretraining run and write its encoder."""
-    from medp2x.checkpoints import save_encoder, torch_load_safe
+    from medp2x.checkpoints import save_encoder
+    from medp2x.recovery import recover_checkpoints
     from medp2x.methods import build_method
     from medp2x.optim import build_optimizer
     from medp2x.provenance import record_seen_files
@@ -483,7 +484,8 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
 
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_dir) if ckpt_dir.exists() else None
+    recovery = recover_checkpoints(ckpt_dir, idist.get_rank() == 0)  # newest loadable one
+    resume_from = recovery.path
     torch.manual_seed(cfg.seed)  # the same on every rank: heads' init, Ignite's data seed
     world, rank = idist.get_world_size(), idist.get_rank()
 
@@ -614,6 +616,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         n_saved=cfg.n_saved,
         global_step_transform=lambda engine, _: engine.state.iteration,
     )
+    recovery.adopt(saver, cfg.n_saved, rank == 0)  # keep_checkpoints counts earlier sessions'
     every = Events.EPOCH_COMPLETED | Events.TERMINATE  # TERMINATE: an early stop keeps its work
     if cfg.checkpoint_every:
         every = every | Events.ITERATION_COMPLETED(every=cfg.checkpoint_every)
@@ -629,7 +632,7 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         )
 
     if resume_from is not None:
-        state = torch_load_safe(resume_from)
+        state = recovery.state
         check_resumable(resume_from, state.get("settings"), settings)
         Checkpoint.load_objects(to_load=to_save, checkpoint=state)
         logger.info("resuming from %s (iteration %d)", resume_from, trainer.state.iteration)
