@@ -212,3 +212,29 @@ def test_bad_test_file_is_dropped_from_its_own_split_never_replaced_across(tmp_p
     served = {clean[i]["meta"]["path"] for i in range(len(clean))}
     assert served == {str(tmp_path / "4.png"), str(tmp_path / "5.png")}  # never a train image
     assert len(drop_unreadable(train)) == 3
+
+
+def test_benchmark_test_split_drops_its_bad_file_and_the_table_says_so(tmp_path):
+    from test_benchmarks import make_busi
+
+    from medp2x.data.benchmarks import _note_test_split, _report_dropped, eval_data_factory, get
+    from medp2x.evaluate import dataset_labels
+
+    make_busi(tmp_path / "Dataset_BUSI_with_GT")
+    _, test = eval_data_factory("us", data_dir=tmp_path)()
+    victim = test.dataset.items[test.indices[0]][0]
+    test_files = {test.dataset.items[i][0] for i in test.indices}
+    victim.write_bytes(b"\x89PNG\r\n\x1a\n damaged")
+    factory = eval_data_factory("us", data_dir=tmp_path)
+    train, test = factory()
+    assert len(test) == 2 and factory.dropped["train"] == []
+    assert [path for path, _ in factory.dropped["test"]] == [str(victim)]
+    served = {Path(test[i]["meta"]["path"]) for i in range(len(test))}
+    assert served <= test_files - {victim}  # never a training image
+    assert list(dataset_labels(test)) == [test[i]["label"] for i in range(len(test))]
+    counts = _report_dropped(factory.dropped, tmp_path / "out")
+    rows = [{}]
+    _note_test_split(rows, get("us"), counts)
+    assert "1 unreadable test file(s) dropped" in rows[0]["test_source"]
+    assert rows[0]["n_dropped_test"] == 1 and rows[0]["n_dropped_train"] == 0
+    assert str(victim) in (tmp_path / "out" / "skipped_files.txt").read_text()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from medp2x.data.base import UnreadableFileError, check_on_error
+from medp2x.data.base import UnreadableFileError, check_on_error, drop_unreadable
 from medp2x.data.folder import IMAGE_EXTENSIONS, ImageFileDataset, ImageFolderDataset, to_tensor
 
 logger = logging.getLogger("medp2x.data")
@@ -820,6 +820,7 @@ class EvalDataFactory:
 
     def __init__(self, bench: Benchmark, root: Path, image_size, max_samples, on_error, options):
         self.bench, self.root, self.image_size = bench, root, image_size
+        self.dropped: dict[str, list] = {}  # per split: (file, reason) left out
         self.max_samples, self.on_error, self.options = (
             max_samples,
             check_on_error(on_error),
@@ -827,11 +828,19 @@ class EvalDataFactory:
         )
 
     def __call__(self) -> Splits:
+        """(train, test). In skip mode every sample of both splits is read once here and each
+        unreadable file is dropped from its own split (``self.dropped``): a bad test image is
+        never replaced by a training image with its label, as the reader's own stand-in would."""
         if not self.root.exists():
             raise FileNotFoundError(self.bench.missing(self.bench.downstream, self.root))
         kwargs = {"on_error": self.on_error, "max_samples": self.max_samples, **self.options}
         train, test = self.bench.read_downstream(self.root, self.image_size, **kwargs)
-        return limit(train, self.max_samples), limit(test, self.max_samples)
+        train, test = limit(train, self.max_samples), limit(test, self.max_samples)
+        if self.on_error == "skip":
+            train, test = drop_unreadable(train), drop_unreadable(test)
+        self.dropped = {name: list(getattr(split, "dropped", [])) for name, split in
+                        (("train", train), ("test", test))}  # fmt: skip
+        return train, test
 
 
 def eval_data_factory(
@@ -937,6 +946,7 @@ def evaluate_benchmark(
     train, test = factory()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(output_dir)
+    dropped = _report_dropped(factory.dropped, out)
     command = _bundle_command(benchmark, encoder, output_dir, data_dir, downstream_dir, random,
                               max_samples, options, series, x, compare_kwargs)  # fmt: skip
     kwargs = {"in_channels": 1 if bench.gray else 3, "device": device, **compare_kwargs}
@@ -946,7 +956,7 @@ def evaluate_benchmark(
             {str(k): str(v) for k, v in series.items()}, train, test, out / "convergence.png",
             x=x, reference=None, **kwargs,
         )  # fmt: skip
-        _note_test_split(rows, bench)
+        _note_test_split(rows, bench, dropped)
         md, _ = write_results(
             rows, out, title=f"{bench.title}: downstream accuracy per pretraining checkpoint",
             command=command, stem="convergence_results", figure=False,
@@ -958,7 +968,7 @@ def evaluate_benchmark(
         f"[evaluate] {bench.title}: {', '.join(specs)} on {len(train)} train / {len(test)} test samples ({bench.classes})"
     )
     rows = compare_encoders(specs, train, test, **kwargs)
-    _note_test_split(rows, bench)
+    _note_test_split(rows, bench, dropped)
     md, _ = write_results(
         rows, out, title=f"{bench.title}: {bench.downstream_data.what}", command=command
     )
@@ -970,9 +980,37 @@ def evaluate_benchmark(
     return rows
 
 
-def _note_test_split(rows: list[dict], bench: Benchmark) -> None:
+def _report_dropped(dropped: dict[str, list], out: Path) -> dict[str, int]:
+    """Say how many unreadable files each split lost, and write their list (file and reason)
+    to ``out/skipped_files.txt``."""
+    counts = {name: len(files) for name, files in dropped.items()}
+    if not any(counts.values()):
+        return counts
+    out.mkdir(parents=True, exist_ok=True)
+    listing = out / "skipped_files.txt"
+    listing.write_text(
+        "".join(f"{name}\t{path}\t{reason}\n" for name, files in dropped.items()
+                for path, reason in files),
+        encoding="utf-8", errors="backslashreplace",
+    )  # fmt: skip
+    print(
+        f"[evaluate] unreadable files dropped from their own split: {counts['train']} train, "
+        f"{counts['test']} test (list: {listing})"
+    )
+    return counts
+
+
+def _note_test_split(rows: list[dict], bench: Benchmark, dropped: dict | None = None) -> None:
+    dropped = dropped or {}
+    note = f"{bench.downstream_data.what}: {bench.test_split}"
+    if dropped.get("test"):
+        note += f"; {dropped['test']} unreadable test file(s) dropped (skipped_files.txt)"
     for row in rows:
-        row["test_source"] = f"{bench.downstream_data.what}: {bench.test_split}"
+        row["test_source"] = note
+        row["n_dropped_train"], row["n_dropped_test"] = (
+            dropped.get("train", 0),
+            dropped.get("test", 0),
+        )
 
 
 def _bundle_command(benchmark, encoder, output_dir, data_dir, downstream_dir, random,
