@@ -29,7 +29,7 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import DeterministicEngine, Engine, Events
-from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
+from ignite.handlers import Checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medp2x import __version__
@@ -408,26 +408,59 @@ def wants_sync_bn(method: torch.nn.Module, device: torch.device) -> bool:
     return wanted
 
 
-def first_stage_encoder(cfg: PretrainConfig, arch: str) -> tuple[torch.nn.Module, Any]:
+def first_stage_encoder(
+    cfg: PretrainConfig, arch: str, encoder: torch.nn.Module | None = None
+) -> tuple[torch.nn.Module, Any]:
     """The first-stage SSL weights (P2X) or a random init (P1X), and the load report.
 
-    On resume the weights are replaced by the run's checkpoint, but the first-stage file still
-    decides the stem and the input normalisation.
+    ``encoder`` is the network to train (a bundle's ``network_def``); None builds torchvision's
+    ``arch``. On resume the weights are replaced by the run's checkpoint, but the first-stage
+    file still decides the stem and the input normalisation.
     """
-    from medp2x.checkpoints import load_encoder
+    from medp2x.checkpoints import load_encoder, read_checkpoint
 
     channels = 1 if cfg.modality == "gray" else 3
     if not cfg.ssl_checkpoint:
-        return build_encoder(arch, in_channels=channels), None
-    encoder, report = load_encoder(
-        cfg.ssl_checkpoint,
-        arch=arch,
-        in_channels=channels,  # gray_stem "repeat" keeps 3 channels: gray images are repeated
-        format=cfg.checkpoint_format,
-        gray=cfg.gray_stem,
-    )
+        if encoder is None:
+            return build_encoder(arch, in_channels=channels), None
+        return random_init(encoder, cfg.seed), None
+    if encoder is None:
+        encoder, report = load_encoder(
+            cfg.ssl_checkpoint,
+            arch=arch,
+            in_channels=channels,  # gray_stem "repeat" keeps 3 channels: gray images are repeated
+            format=cfg.checkpoint_format,
+            gray=cfg.gray_stem,
+        )
+    else:
+        state, report = read_checkpoint(
+            cfg.ssl_checkpoint, cfg.checkpoint_format, False, channels, cfg.gray_stem, arch=arch
+        )
+        try:
+            encoder.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(
+                f"ssl_checkpoint {cfg.ssl_checkpoint} does not fit network_def ({arch}, "
+                f"{first_conv_channels(encoder)} input channels): {str(err).splitlines()[0]}"
+            ) from None
     logger.info("first-stage weights:\n%s", report)
     return encoder, report
+
+
+def random_init(encoder: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Re-draw a declared network's weights from the run's seed, with torchvision's ResNet
+    init (He normal, fan-out, for convolutions; BN at 1 and 0): a bundle instantiates
+    ``network_def`` before the run is seeded, and ``--seed`` must still decide a P1X init."""
+    torch.manual_seed(seed)
+    for module in encoder.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+            torch.nn.init.ones_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return encoder
 
 
 def first_conv_channels(encoder: torch.nn.Module) -> int:
@@ -472,40 +505,96 @@ def check_resumable(path: Path, stored: dict | None, current: dict) -> None:
         )
 
 
-def pretrain(cfg: PretrainConfig) -> RunSummary:
-    """Run (or resume) one self-supervised pretraining run and write its encoder."""
-    from medp2x.checkpoints import save_encoder
-    from medp2x.recovery import recover_checkpoints
+# --- One run, in pieces: build it, create its trainer, attach handlers, resume, train, finish -
+#
+# ``pretrain`` composes these for the Python API; the bundles (``bundles/configs/train.json``)
+# compose the same pieces with the handler list a user can edit.
+
+
+@dataclass
+class PretrainRun:
+    """Everything one pretraining run is made of, built once by ``build_run``.
+
+    Handlers read what they need from here (``trainer.pretraining``), so a handler declared in a
+    bundle needs no reference to objects that exist only once the data has been read."""
+
+    cfg: PretrainConfig
+    out: Path
+    recipe: Any
+    method: Any  # medp2x.methods.SSLMethod: the encoder and the method's heads
+    model: torch.nn.Module  # ``method`` wrapped for the processes (idist.auto_model)
+    device: torch.device
+    amp: AmpDecision
+    normalize: Normalize
+    augment: Any  # medp2x.views.BatchAugment
+    view_generator: torch.Generator
+    plan: EpochPlan
+    sampler: PassSampler
+    loader: DataLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: Any  # stepped inside the training step, after the optimiser (see create_trainer)
+    meta: dict  # what the encoder's weights are: saved with every checkpoint and encoder.pt
+    settings: dict  # what must match for a checkpoint to be resumed
+    rank: int = 0
+    surgery_applied: bool = False
+    resumed_from: Path | None = None
+    monitor: CollapseMonitor | None = None  # set by the collapse-monitor handler
+    handlers: list = field(default_factory=list)  # as attached, for the run's record
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+    @property
+    def has_first_stage(self) -> bool:
+        return bool(self.cfg.ssl_checkpoint)
+
+
+class PretrainEngine(DeterministicEngine):
+    """The Ignite trainer of one run; ``pretraining`` is the ``PretrainRun`` its handlers read."""
+
+    pretraining: PretrainRun
+
+
+def build_run(
+    cfg: PretrainConfig,
+    encoder: torch.nn.Module | None = None,
+    method: Any = None,
+    views: Any = None,
+    optimizer: Any = None,
+) -> PretrainRun:
+    """Build the run's pieces in the paper's order: recipe, first-stage encoder (or a random
+    init), method, views, epoch plan and loader, optimiser and schedule.
+
+    The bundles declare the pieces (``_mode_: partial`` components): ``encoder`` is the network
+    to train (its ``arch`` must be the recipe's, which names it in the checkpoints), ``method``
+    a callable like ``medp2x.methods.build_method`` (``name, encoder, recipe=, **options``),
+    ``views`` one like ``medp2x.views.build_views`` (``method, modality, spec, device=,
+    generator=, overrides=``), ``optimizer`` one like ``medp2x.optim.build_optimizer``
+    (``method, recipe, global_batch, steps_per_epoch``; it returns the optimiser and the
+    per-iteration schedule). None: medp2x's own.
+    """
     from medp2x.methods import build_method
     from medp2x.optim import build_optimizer
-    from medp2x.provenance import record_seen_files
-    from medp2x.surgery import SurgeryHandler
     from medp2x.views import build_views, source_size_for
 
-    out = Path(cfg.output_dir)
-    ckpt_dir = out / "checkpoints"
-    recovery = recover_checkpoints(ckpt_dir, idist.get_rank() == 0)  # newest loadable one
-    resume_from = recovery.path
     torch.manual_seed(cfg.seed)  # the same on every rank: heads' init, Ignite's data seed
     world, rank = idist.get_world_size(), idist.get_rank()
-
     recipe = resolve_recipe(cfg)
-    encoder, report = first_stage_encoder(cfg, recipe.arch)
+    encoder, report = first_stage_encoder(cfg, recipe.arch, encoder)
     channels = first_conv_channels(encoder)
     normalization = resolve_normalization(cfg, report)
     normalize = Normalize(**normalization) if normalization else Normalize(None, None)
-    arch, batch_size, epochs = recipe.arch, recipe.batch_size, recipe.epochs
 
-    method = build_method(cfg.method, encoder, recipe=recipe, **cfg.method_options)
-    recipe = method.recipe
+    ssl = (method or build_method)(cfg.method, encoder, recipe=recipe, **cfg.method_options)
+    recipe = ssl.recipe
     device = idist.device()
     amp = resolve_amp(cfg.amp, device, encoder, recipe.views, channels)
-    model = idist.auto_model(method, sync_bn=wants_sync_bn(method, device))
-    normalize = normalize.to(device)
+    model = idist.auto_model(ssl, sync_bn=wants_sync_bn(ssl, device))
     # Each rank draws its own views: the generator is re-seeded from (seed, rank, iteration) at
-    # every step (seed_views), a pure function of where the run is, so resuming is exact.
+    # every step (create_trainer), a pure function of where the run is, so resuming is exact.
     view_generator = torch.Generator()
-    augment = build_views(
+    augment = (views or build_views)(
         cfg.method,
         cfg.modality,
         recipe.views,
@@ -517,37 +606,88 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
     # An epoch of epoch_length samples from repeated shuffled passes, this rank's share; the
     # loader is plain torch (idist.auto_dataloader would divide batch_size by the world size,
     # but batch_size is per process).
+    batch_size, epochs = recipe.batch_size, recipe.epochs
     plan = plan_epochs(len(cfg.dataset), batch_size * world, epochs, resolve_epoch_length(cfg))
     sampler = PassSampler(len(cfg.dataset), plan.samples_per_epoch, world, rank, cfg.seed)
+    source_size = source_size_for(recipe, cfg.source_size)
     loader = DataLoader(
         cfg.dataset,
         batch_size=batch_size,
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.num_workers,
-        collate_fn=collate_images(source_size_for(recipe, cfg.source_size), channels),
+        collate_fn=collate_images(source_size, channels),
         persistent_workers=cfg.num_workers > 0,
         pin_memory=device.type == "cuda",
     )
-    optimizer, scheduler = build_optimizer(
-        method, recipe, plan.global_batch_size, plan.iterations_per_epoch
+    optim, scheduler = (optimizer or build_optimizer)(
+        ssl, recipe, plan.global_batch_size, plan.iterations_per_epoch
     )
-    total_iterations = plan.total_iterations
+    meta = {
+        "version": __version__,
+        "arch": recipe.arch,
+        "in_channels": channels,
+        "normalization": normalization,
+        "method": cfg.method,
+    }
+    settings = {
+        "method": cfg.method,
+        "arch": recipe.arch,
+        "image_size": recipe.views.large_size,
+        "source_size": source_size,
+        "global_batch_size": plan.global_batch_size,
+        "epochs": epochs,
+        "samples_per_epoch": plan.samples_per_epoch,
+        "iterations_per_epoch": plan.iterations_per_epoch,
+        "seed": cfg.seed,
+    }
+    return PretrainRun(
+        cfg=cfg,
+        out=Path(cfg.output_dir),
+        recipe=recipe,
+        method=ssl,
+        model=model,
+        device=device,
+        amp=amp,
+        normalize=normalize.to(device),
+        augment=augment,
+        view_generator=view_generator,
+        plan=plan,
+        sampler=sampler,
+        loader=loader,
+        optimizer=optim,
+        scheduler=scheduler,
+        meta=meta,
+        settings=settings,
+        rank=rank,
+    )
+
+
+def create_trainer(run: PretrainRun) -> PretrainEngine:
+    """The Ignite engine of one run: the training step, the epoch's sampler draw, the views'
+    seed for each step, and ``max_iterations``.
+
+    The learning-rate schedule steps inside the step, right after the optimiser: as a separate
+    handler, its order relative to the checkpoint saver would decide whether a checkpoint holds
+    the schedule before or after the step it saved, and resuming would no longer be exact.
+    """
+    cfg, method, optimizer, scheduler = run.cfg, run.method, run.optimizer, run.scheduler
+    device, amp, total = run.device, run.amp, run.plan.total_iterations
 
     def training_step(engine: Engine, images: ImageBatch) -> dict[str, float]:
-        model.train()
+        run.model.train()
         images = images.to(device, non_blocking=True)
         with torch.no_grad():
-            views = [normalize(v) for v in augment(images)]
+            views = [run.normalize(v) for v in run.augment(images)]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp.enabled):
-            outputs = model(views)
-        check_finite(outputs["loss"], engine, cfg.method, ckpt_dir)
+            outputs = run.model(views)
+        check_finite(outputs["loss"], engine, cfg.method, run.ckpt_dir)
         optimizer.zero_grad(set_to_none=True)
         outputs["loss"].backward()
         method.on_before_optimizer_step(engine.state.epoch - 1, engine.state.iteration - 1)
         optimizer.step()
         scheduler.step()
-        method.on_after_optimizer_step(engine.state.iteration / total_iterations)
+        method.on_after_optimizer_step(engine.state.iteration / total)
         logs = {
             k: float(v.detach())
             for k, v in outputs.items()
@@ -556,170 +696,169 @@ def pretrain(cfg: PretrainConfig) -> RunSummary:
         logs["lr"] = optimizer.param_groups[0]["lr"]
         return logs
 
-    trainer = DeterministicEngine(training_step)
-    trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: sampler.set_epoch(e.state.epoch - 1))
+    trainer = PretrainEngine(training_step)
+    trainer.pretraining = run
+    trainer.add_event_handler(
+        Events.EPOCH_STARTED, lambda e: run.sampler.set_epoch(e.state.epoch - 1)
+    )
 
     @trainer.on(Events.ITERATION_STARTED)
     def seed_views(engine: Engine) -> None:
-        view_generator.manual_seed(
-            derived_seed(cfg.seed, VIEW_STREAM, rank, engine.state.iteration)
+        run.view_generator.manual_seed(
+            derived_seed(cfg.seed, VIEW_STREAM, run.rank, engine.state.iteration)
         )
 
-    meta = {
-        "version": __version__,
-        "arch": arch,
-        "in_channels": channels,
-        "normalization": normalization,
-        "method": cfg.method,
-    }
-    surgery_applied = False
-    if cfg.ssl_checkpoint and (cfg.scale != "none" or cfg.filters != "none"):
-
-        def after_surgery() -> None:
-            nonlocal surgery_applied
-            surgery_applied = True
-            method.reset_momentum_encoders()
-
-        SurgeryHandler(
-            method.encoder,
-            scale=cfg.scale,
-            filters=cfg.filters,
-            seed=cfg.seed,
-            output_dir=out,
-            after=after_surgery,
-        ).attach(trainer)
-
-    settings = {
-        "method": cfg.method,
-        "arch": arch,
-        "image_size": recipe.views.large_size,
-        "source_size": source_size_for(recipe, cfg.source_size),
-        "global_batch_size": plan.global_batch_size,
-        "epochs": epochs,
-        "samples_per_epoch": plan.samples_per_epoch,
-        "iterations_per_epoch": plan.iterations_per_epoch,
-        "seed": cfg.seed,
-    }
-    to_save = {
-        "model": method,
-        "optimizer": optimizer,
-        "lr_scheduler": scheduler,
-        "trainer": trainer,
-        "meta": RunMeta(meta),
-        "settings": RunMeta(settings),
-    }
-    saver = Checkpoint(
-        to_save,
-        DiskSaver(str(ckpt_dir), require_empty=False, create_dir=True, atomic=True),
-        filename_prefix="",
-        filename_pattern=f"{CHECKPOINT_PREFIX}_{{global_step}}.{{ext}}",
-        n_saved=cfg.n_saved,
-        global_step_transform=lambda engine, _: engine.state.iteration,
-    )
-    recovery.adopt(saver, cfg.n_saved, rank == 0)  # keep_checkpoints counts earlier sessions'
-    every = Events.EPOCH_COMPLETED | Events.TERMINATE  # TERMINATE: an early stop keeps its work
-    if cfg.checkpoint_every:
-        every = every | Events.ITERATION_COMPLETED(every=cfg.checkpoint_every)
-    monitor = CollapseMonitor(total_iterations)
-    if rank == 0:
-        trainer.add_event_handler(every, saver)
-        attach_loggers(trainer, out, cfg.progress)
-        monitor.attach(trainer)
     if cfg.max_iterations:  # also when resumed at or past it (``once=`` would never fire)
         trainer.add_event_handler(
             Events.STARTED | Events.ITERATION_COMPLETED,
             lambda e: e.terminate() if e.state.iteration >= cfg.max_iterations else None,
         )
+    return trainer
 
-    if resume_from is not None:
-        state = recovery.state
-        check_resumable(resume_from, state.get("settings"), settings)
-        Checkpoint.load_objects(to_load=to_save, checkpoint=state)
-        logger.info("resuming from %s (iteration %d)", resume_from, trainer.state.iteration)
-        if rank == 0:
-            print(
-                f"Resuming from {resume_from} at iteration {trainer.state.iteration}; no weight surgery."
+
+def default_handlers(cfg: PretrainConfig) -> list:
+    """The handlers a run gets from the Python API, in the bundles' order: weight surgery
+    (a P2X run: it needs first-stage weights), checkpoints, progress bar, TensorBoard, loss
+    CSV, collapse monitor."""
+    from medp2x import handlers
+
+    chosen = [
+        handlers.WeightSurgery(scale=cfg.scale, filters=cfg.filters),
+        handlers.CheckpointSaver(every=cfg.checkpoint_every, n_saved=cfg.n_saved),
+        handlers.ProgressBarHandler() if cfg.progress else None,
+        handlers.TensorBoardHandler(),
+        handlers.LossCSV(),
+        handlers.CollapseMonitorHandler(),
+    ]
+    return [h for h in chosen if h is not None]
+
+
+def attach_handlers(trainer: PretrainEngine, handlers: list) -> None:
+    """Attach each handler in order (Ignite fires handlers of one event in attach order).
+
+    A handler is anything with ``attach(engine)``: medp2x's read the run from
+    ``engine.pretraining``; MONAI's and Ignite's handlers work as they are. ``None`` entries are
+    skipped, so a bundle can switch one off."""
+    for handler in handlers:
+        if handler is None:
+            continue
+        if not callable(getattr(handler, "attach", None)):
+            raise TypeError(
+                f"train#handlers: {handler!r} has no attach(engine) method: a handler must be an "
+                "Ignite/MONAI handler object"
             )
+        handler.attach(trainer)
+        trainer.pretraining.handlers.append(handler)
 
-    finished = trainer.state.iteration >= total_iterations
-    if finished:  # Ignite would restart a finished run from scratch: keep its result instead
-        if rank == 0:
-            print(f"{out} already finished {total_iterations} iterations; delete it to retrain.")
-    else:
-        torch.manual_seed(cfg.seed)  # DeterministicEngine draws its data seed from here
-        # The epoch being resumed: with workers, the loader reads the sampler before the first
-        # EPOCH_STARTED.
-        sampler.set_epoch(trainer.state.iteration // plan.iterations_per_epoch)
-        trainer.run(loader, max_epochs=epochs)
 
+def checkpoint_objects(trainer: PretrainEngine) -> dict:
+    """What a checkpoint holds: everything a resumed run needs to continue exactly."""
+    run = trainer.pretraining
+    return {
+        "model": run.method,
+        "optimizer": run.optimizer,
+        "lr_scheduler": run.scheduler,
+        "trainer": trainer,
+        "meta": RunMeta(run.meta),
+        "settings": RunMeta(run.settings),
+    }
+
+
+def resume(trainer: PretrainEngine) -> Path | None:
+    """Load the newest checkpoint of the run folder, if any (weights, optimiser, schedule and
+    the trainer's position); weight surgery then sees iteration > 0 and is not re-applied."""
+    from medp2x.recovery import recover_checkpoints
+
+    run = trainer.pretraining
+    recovery = recover_checkpoints(run.ckpt_dir, run.rank == 0)  # newest loadable (#21)
+    for handler in run.handlers:  # keep_checkpoints counts the earlier sessions' files
+        getattr(handler, "adopt", lambda _: None)(recovery)
+    resume_from = recovery.path
+    if resume_from is None:
+        return None
+    state = recovery.state
+    check_resumable(resume_from, state.get("settings"), run.settings)
+    Checkpoint.load_objects(to_load=checkpoint_objects(trainer), checkpoint=state)
+    logger.info("resuming from %s (iteration %d)", resume_from, trainer.state.iteration)
+    if run.rank == 0:
+        print(
+            f"Resuming from {resume_from} at iteration {trainer.state.iteration}; no weight surgery."
+        )
+    run.resumed_from = resume_from
+    return resume_from
+
+
+def train(trainer: PretrainEngine) -> None:
+    """Run the trainer to the end of the schedule (a finished run is kept, not restarted)."""
+    run = trainer.pretraining
+    total = run.plan.total_iterations
+    if trainer.state.iteration >= total:  # Ignite would restart a finished run from scratch
+        if run.rank == 0:
+            print(f"{run.out} already finished {total} iterations; delete it to retrain.")
+        return
+    torch.manual_seed(run.cfg.seed)  # DeterministicEngine draws its data seed from here
+    # The epoch being resumed: with workers, the loader reads the sampler before the first
+    # EPOCH_STARTED.
+    run.sampler.set_epoch(trainer.state.iteration // run.plan.iterations_per_epoch)
+    trainer.run(run.loader, max_epochs=run.plan.epochs)
+
+
+def finish(trainer: PretrainEngine) -> RunSummary:
+    """Write the encoder, the run's record and its seen-files list (rank 0), then summarise."""
+    from medp2x.checkpoints import save_encoder
+    from medp2x.provenance import record_seen_files
+
+    run = trainer.pretraining
+    cfg, out = run.cfg, run.out
     encoder_path = out / "encoder.pt"
-    if rank == 0:
-        save_encoder(encoder_path, method.encoder.state_dict(), **meta)
-        write_run_config(out, cfg, meta, recipe, plan, amp)
+    if run.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_encoder(encoder_path, run.method.encoder.state_dict(), **run.meta)
+        write_run_config(out, cfg, run.meta, run.recipe, run.plan, run.amp, run.handlers)
         record_seen_files(out, cfg.dataset, cfg.ssl_checkpoint)  # no test image pretrained on
     idist.barrier()  # the outputs exist before any rank reads them or starts another run
     losses = read_loss_log(out)
-    if rank == 0 and losses:
+    if run.rank == 0 and losses:
         from medp2x.plots import plot_loss_curve
 
         plot_loss_curve(losses, out / "loss.png", title=f"{cfg.method} pretraining loss: {out}")
+    monitor = run.monitor
     return RunSummary(
         output_dir=out,
         encoder_path=encoder_path,
         method=cfg.method,
-        arch=arch,
+        arch=run.recipe.arch,
         iterations=trainer.state.iteration,
         epochs=trainer.state.epoch,
-        iterations_per_epoch=plan.iterations_per_epoch,
-        total_iterations=total_iterations,
-        amp=amp.enabled,
+        iterations_per_epoch=run.plan.iterations_per_epoch,
+        total_iterations=run.plan.total_iterations,
+        amp=run.amp.enabled,
         first_loss=losses[0] if losses else math.nan,
         last_loss=losses[-1] if losses else math.nan,
-        resumed=resume_from is not None,
-        surgery_applied=surgery_applied,
-        spread=monitor.mean("spread"),
-        warnings=list(monitor.warnings),
+        resumed=run.resumed_from is not None,
+        surgery_applied=run.surgery_applied,
+        spread=monitor.mean("spread") if monitor else None,
+        warnings=list(monitor.warnings) if monitor else [],
     )
 
 
-def attach_loggers(trainer: Engine, out: Path, progress: bool) -> None:
-    """Progress bar, TensorBoard scalars, and a CSV loss log that survives resumes."""
-    from ignite.handlers.tensorboard_logger import OutputHandler, TensorboardLogger
+def pretrain(
+    cfg: PretrainConfig,
+    handlers: list | None = None,
+    trainer_factory: Any = None,
+    **components: Any,
+) -> RunSummary:
+    """Run (or resume) one self-supervised pretraining run and write its encoder.
 
-    out.mkdir(parents=True, exist_ok=True)
-    if progress:
-        ProgressBar(persist=True).attach(
-            trainer, output_transform=lambda logs: {"loss": logs["loss"]}
-        )
-    tb = TensorboardLogger(log_dir=str(out / "tb"))
-    tb.attach(
-        trainer,
-        log_handler=OutputHandler(tag="train", output_transform=lambda logs: logs),
-        event_name=Events.ITERATION_COMPLETED,
-    )
-    trainer.add_event_handler(Events.COMPLETED | Events.TERMINATE, lambda _: tb.close())
-
-    log_path = out / "loss.csv"
-
-    @trainer.on(Events.STARTED)
-    def truncate_log_to_resumed_iteration(engine: Engine) -> None:
-        # Iterations logged after the last checkpoint of a killed run are re-run: drop them.
-        rows = read_loss_rows(out)
-        kept = [r for r in rows if int(r["iteration"]) <= engine.state.iteration]
-        write_loss_rows(log_path, kept)
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def append_loss(engine: Engine) -> None:
-        with open(log_path, "a", newline="") as f:
-            output = engine.state.output
-            csv.writer(f).writerow(
-                [
-                    engine.state.iteration,
-                    engine.state.epoch,
-                    output["loss"],
-                    output.get("spread", ""),
-                ]
-            )
+    ``handlers`` replaces ``default_handlers(cfg)`` (the bundles pass their ``train#handlers``);
+    ``trainer_factory`` replaces ``create_trainer``; ``components`` (``encoder``, ``method``,
+    ``views``, ``optimizer``) replace medp2x's own (``build_run``)."""
+    run = build_run(cfg, **components)
+    trainer = (trainer_factory or create_trainer)(run)
+    attach_handlers(trainer, default_handlers(cfg) if handlers is None else handlers)
+    resume(trainer)
+    train(trainer)
+    return finish(trainer)
 
 
 def read_loss_rows(out: Path) -> list[dict]:
@@ -742,10 +881,17 @@ def read_loss_log(out: Path) -> list[float]:
 
 
 def write_run_config(
-    out: Path, cfg: PretrainConfig, meta: dict, recipe: Any, plan: EpochPlan, amp: AmpDecision
+    out: Path,
+    cfg: PretrainConfig,
+    meta: dict,
+    recipe: Any,
+    plan: EpochPlan,
+    amp: AmpDecision,
+    handlers: list = (),
 ) -> None:
     """What was run, for the record (no data contents, no patient information): the settings,
-    the resolved recipe, the epoch plan and the bf16 decision with its reason."""
+    the resolved recipe, the epoch plan, the bf16 decision with its reason, and the handlers
+    the trainer had (a bundle's ``train#handlers`` decide surgery, not ``cfg.scale``)."""
     import json
 
     record = {
@@ -756,4 +902,16 @@ def write_run_config(
     record["epoch_plan"] = {**asdict(plan), "total_iterations": plan.total_iterations}
     record["amp"] = asdict(amp)
     record["meta"] = meta
+    record["handlers"] = [describe_handler(h) for h in handlers]
     (out / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def describe_handler(handler: Any) -> dict:
+    """A handler as its class and its plain settings (numbers, strings, flags)."""
+    cls = type(handler)
+    plain = {
+        k: v
+        for k, v in vars(handler).items()
+        if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))
+    }
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", **plain}

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from torch.utils.data import Dataset
 
@@ -27,7 +28,15 @@ DatasetFactory = Callable[[Path, int], Dataset]
 
 @dataclass
 class P2XJob:
-    """A declarative run; the bundle JSON fills these fields (its overrides are their names)."""
+    """The run's stages in order; the bundle (``bundles/configs/train.json``) declares its
+    components and passes them here, the Python API may leave them None (medp2x's own).
+
+    Components: ``network_def`` (the encoder to train), ``ssl_method``, ``views``,
+    ``optimizer`` (partials, see ``engine.build_run``), ``trainer`` (like
+    ``engine.create_trainer``) and ``handlers`` (the trainer's handler list; None: surgery,
+    checkpoints, progress bar, TensorBoard, loss CSV and collapse monitor from the settings
+    below). ``extra_handlers`` are attached after them, so one override adds a handler.
+    """
 
     name: str
     make_dataset: DatasetFactory
@@ -63,6 +72,14 @@ class P2XJob:
     demo_epoch_length: int = 256  # demo only: samples per second-stage epoch (its slide: ~20 tiles)
     max_iterations: int | None = None
     method_options: dict = field(default_factory=dict)
+    view_options: dict = field(default_factory=dict)
+    network_def: Any = None
+    ssl_method: Any = None
+    views: Any = None
+    optimizer: Any = None
+    trainer: Any = None
+    handlers: list | None = None
+    extra_handlers: list = field(default_factory=list)
 
     def run(self) -> dict:
         try:
@@ -72,7 +89,7 @@ class P2XJob:
             sys.exit(f"{self.name}: error: {err}")
 
     def _run(self) -> dict:
-        from medp2x.engine import PretrainConfig, pretrain
+        from medp2x.engine import PretrainConfig, default_handlers, pretrain
         from medp2x.methods import recipe_for
         from medp2x.views import default_source_size
 
@@ -88,35 +105,45 @@ class P2XJob:
         print(
             f"[2-3/4] {self.schedule.upper()} {self.method} pretraining on {len(dataset)} samples from {data_dir}"
         )
+        cfg = PretrainConfig(
+            dataset=dataset,
+            output_dir=out / self.schedule,
+            method=self.method,
+            profile=self.profile,
+            arch=self.arch,
+            image_size=image_size,
+            source_size=source_size,
+            batch_size=self.batch_size,
+            epochs=self.epochs or (self.demo_epochs if demo else None),
+            epoch_length=self.demo_epoch_length
+            if demo and self.epoch_length is None
+            else self.epoch_length,
+            lr=self.lr,
+            ssl_checkpoint=first_stage,
+            scale=self.scale,
+            filters=self.filters,
+            modality=self.modality,
+            normalization=self.normalization,
+            gray_stem=self.gray_stem,
+            num_workers=self.num_workers,
+            amp=self.amp,
+            seed=self.seed,
+            checkpoint_every=self.checkpoint_every,
+            n_saved=self.keep_checkpoints or None,
+            max_iterations=self.max_iterations,
+            method_options=self.method_options,
+            view_options=self.view_options,
+        )
+        cfg.scale, cfg.filters = self._surgery_settings()  # the record says what the list does
+        handlers = default_handlers(cfg) if self.handlers is None else list(self.handlers)
         summary = pretrain(
-            PretrainConfig(
-                dataset=dataset,
-                output_dir=out / self.schedule,
-                method=self.method,
-                profile=self.profile,
-                arch=self.arch,
-                image_size=image_size,
-                source_size=source_size,
-                batch_size=self.batch_size,
-                epochs=self.epochs or (self.demo_epochs if demo else None),
-                epoch_length=self.demo_epoch_length
-                if demo and self.epoch_length is None
-                else self.epoch_length,
-                lr=self.lr,
-                ssl_checkpoint=first_stage,
-                scale=self.scale,
-                filters=self.filters,
-                modality=self.modality,
-                normalization=self.normalization,
-                gray_stem=self.gray_stem,
-                num_workers=self.num_workers,
-                amp=self.amp,
-                seed=self.seed,
-                checkpoint_every=self.checkpoint_every,
-                n_saved=self.keep_checkpoints or None,
-                max_iterations=self.max_iterations,
-                method_options=self.method_options,
-            )
+            cfg,
+            handlers=handlers + list(self.extra_handlers or []),
+            trainer_factory=self.trainer,
+            encoder=self.network_def,
+            method=self.ssl_method,
+            views=self.views,
+            optimizer=self.optimizer,
         )
         results = self._evaluate(
             out, demo, first_stage, summary.encoder_path, summary.arch, image_size
@@ -124,6 +151,16 @@ class P2XJob:
         report = {"summary": summary, "results": results, "minutes": (time.time() - started) / 60}
         print_summary(self, report)
         return report
+
+    def _surgery_settings(self) -> tuple[str, str]:
+        """Surgery as the handler list declares it (a bundle's ``train#handlers``): the first
+        ``WeightSurgery`` handler's settings, ``none`` when the list has none (P1X)."""
+        if self.handlers is None:
+            return self.scale, self.filters
+        from medp2x.handlers import WeightSurgery
+
+        surgery = [h for h in self.handlers if isinstance(h, WeightSurgery)]
+        return (surgery[0].scale, surgery[0].filters) if surgery else ("none", "none")
 
     def _data_dir(self, out: Path, demo: bool) -> Path:
         from medp2x.data.base import existing_path
