@@ -276,19 +276,21 @@ def test_every_entry_point_has_the_same_default_scale():
 
     from medp2x.cli import build_parser
     from medp2x.engine import PretrainConfig
+    from medp2x.handlers import WeightSurgery
     from medp2x.pipeline import P2XJob
 
     def default(cls) -> str:
         return next(f.default for f in dataclasses.fields(cls) if f.name == "scale")
 
     repo = Path(__file__).resolve().parents[1]
-    defaults = json.loads((repo / "configs" / "defaults.json").read_text())
+    train = json.loads((repo / "bundles" / "configs" / "train.json").read_text())
     found = {
         "apply_surgery": inspect.signature(apply_surgery).parameters["scale"].default,
         "SurgeryHandler": inspect.signature(SurgeryHandler).parameters["scale"].default,
         "PretrainConfig": default(PretrainConfig),
         "P2XJob": default(P2XJob),
-        "configs/defaults.json": defaults["scale"],
+        "bundles/configs/train.json": train["scale"],
+        "WeightSurgery": inspect.signature(WeightSurgery).parameters["scale"].default,
         "medp2x surgery": build_parser().parse_args(["surgery", "in", "out"]).scale,
     }
     assert found == dict.fromkeys(found, "per_filter")
