@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format bench bench-parity clean
+.PHONY: demo test lint format bench bench-parity label-env test-label clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,23 @@ bench: $(STAMP)
 bench-parity: $(STAMP)
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/parity.py
+
+# MONAI Label (#18): the server lives in its own environment (.venv-label: monailabel 0.8.5
+# needs numpy<2; ~8 GB, a few minutes to build once). test-label exports a bundle, starts a real
+# server on 127.0.0.1, infers, uploads labels, trains and infers again (docs/monailabel.md).
+LABEL_VENV := .venv-label
+LABEL_STAMP := $(LABEL_VENV)/.installed
+
+$(LABEL_STAMP): monailabel_app/requirements.txt
+	test -x $(LABEL_VENV)/bin/python || $(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_VENV)/bin/python -m pip install --quiet --upgrade pip
+	nice -n 10 $(LABEL_VENV)/bin/python -m pip install --quiet -r monailabel_app/requirements.txt
+	touch $(LABEL_STAMP)
+
+label-env: $(LABEL_STAMP)
+
+test-label: $(STAMP) $(LABEL_STAMP)
+	$(PY) scripts/test_label.py
 
 clean:
 	rm -rf runs .pytest_cache
