@@ -33,12 +33,51 @@ def benchmark_reader(
     max_samples: int | None = None,
     on_error: str = "skip",
     options: Mapping[str, Any] | None = None,
-) -> Callable[[Path, int], Dataset]:
+) -> BenchmarkReader:
     """The pretraining reader of ``benchmark`` (``medp2x.data.benchmarks.dataset_factory``),
     its options given as one dict so a bundle can override them as one key."""
-    from medp2x.data.benchmarks import dataset_factory
+    from medp2x.data.benchmarks import dataset_factory, get
 
-    return dataset_factory(benchmark, max_samples=max_samples, on_error=on_error, **(options or {}))
+    factory = dataset_factory(benchmark, max_samples, on_error, **(options or {}))
+    return BenchmarkReader(factory, get(benchmark).modality, max_samples, on_error)
+
+
+class BenchmarkReader:
+    """A benchmark's pretraining reader that also takes a private folder of the modality.
+
+    A hospital's own scans are not laid out as the benchmark: where the benchmark's reader finds
+    no layout, every file of the modality under the folder is read instead (slides for Histo,
+    which reads any folder already; DICOM, else NIfTI slices, else images, like ``medp2x scan``),
+    with one line saying so. The benchmark's layout stays required for its own downstream
+    evaluation (``benchmark_eval_data``), and a folder with no such file keeps the benchmark's
+    message (where its data comes from)."""
+
+    def __init__(self, factory: Callable, modality: str, max_samples: int | None, on_error: str):
+        self.factory, self.modality = factory, modality
+        self.max_samples, self.on_error = max_samples, on_error
+        self.missing_data_hint = getattr(factory, "missing_data_hint", None)
+
+    def __call__(self, data_dir: str | Path, image_size: int) -> Dataset:
+        from medp2x.data.benchmarks import limit, read_medical_images
+
+        try:
+            return self.factory(data_dir, image_size)
+        except FileNotFoundError as layout_error:
+            root = Path(data_dir).expanduser()
+            if not root.is_dir():
+                raise
+            try:
+                dataset = read_medical_images(
+                    root, image_size, gray=self.modality == "gray", on_error=self.on_error
+                )
+            except FileNotFoundError:
+                raise layout_error from None
+            print(
+                f"[data] {root} is not laid out as the {self.factory.bench.name} benchmark: "
+                f"pretraining on the {len(dataset)} samples of the files under it "
+                "(the benchmark's evaluation needs its layout)"
+            )
+            return limit(dataset, self.max_samples)
 
 
 def benchmark_eval_data(
@@ -48,15 +87,36 @@ def benchmark_eval_data(
     max_samples: int | None = None,
     on_error: str = "skip",
     options: Mapping[str, Any] | None = None,
-) -> Callable | None:
+) -> BenchmarkEvalData | None:
     """The benchmark's labelled train/test reader, or None where no labelled data are given
     (the job then uses ``eval_dir`` or skips the evaluation)."""
     from medp2x.data.benchmarks import eval_data_factory
 
-    return eval_data_factory(
+    factory = eval_data_factory(
         benchmark, downstream_dir, data_dir, max_samples=max_samples, on_error=on_error,
         **(options or {}),
     )  # fmt: skip
+    return None if factory is None else BenchmarkEvalData(factory, downstream_dir is not None)
+
+
+class BenchmarkEvalData:
+    """``make_eval_data() -> (train, test)``; ``(None, None)`` with the reason in ``skipped``
+    when the labelled set would be read from ``data_dir`` (same-set benchmarks) and that folder
+    is not laid out as the benchmark: a private folder pretrains, and the evaluation is skipped
+    in one line. A ``downstream_dir`` given explicitly must hold the layout (an error)."""
+
+    def __init__(self, factory: Callable, explicit: bool):
+        self.factory, self.explicit = factory, explicit
+        self.skipped: str | None = None
+
+    def __call__(self) -> tuple[Dataset | None, Dataset | None]:
+        try:
+            return self.factory()
+        except FileNotFoundError as err:
+            if self.explicit:
+                raise
+            self.skipped = f"no labelled benchmark data ({err})"
+            return None, None
 
 
 class FolderReader:
@@ -78,6 +138,60 @@ class FolderReader:
 
     def __call__(self, data_dir: str | Path, source_size: int) -> Dataset:
         return self.reader(Path(data_dir).expanduser(), image_size=source_size)
+
+
+# ----------------------------------------------------------------------------- inference
+
+
+def extract_features(
+    encoder: str | Path,
+    make_dataset: Callable[[Path, int], Dataset],
+    data_dir: str | Path,
+    output_dir: str | Path,
+    image_size: int = 224,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    normalization: str = "auto",
+    device: str | None = None,
+) -> Path:
+    """Features of every sample under ``data_dir`` from an encoder file (``encoder.pt`` of a
+    run, or any checkpoint medp2x reads), written to ``<output_dir>/features.npz``: ``features``
+    (N x D float32, in the reader's order) and ``sha256`` of each sample's pixels. No path, file
+    name or header is written: those can carry patient identifiers. Each image is resized on its
+    shorter side to ``image_size`` and centre-cropped (the evaluation view), and normalised as
+    the encoder file says."""
+    import numpy as np
+    import torch
+
+    from medp2x.data.base import existing_path
+    from medp2x.evaluate import EvalSettings, resolve_encoder
+    from medp2x.evaluate import extract_features as features_of
+
+    encoder_path = existing_path(encoder, "encoder")
+    root = existing_path(data_dir, "data_dir")
+    dataset = make_dataset(root, image_size)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = EvalSettings(
+        image_size=image_size, batch_size=batch_size, num_workers=num_workers, device=device
+    )
+    network = resolve_encoder(str(encoder_path), normalization=normalization)
+    feats, _ = features_of(network, dataset, settings, desc="features")
+    digests = [_pixel_digest(dataset[i]["image"]) for i in range(len(dataset))]
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "features.npz"
+    np.savez(path, features=feats.cpu().numpy().astype(np.float32), sha256=np.array(digests))
+    print(f"features: {feats.shape[0]} x {feats.shape[1]} from {encoder_path} -> {path}")
+    return path
+
+
+def _pixel_digest(image: Any) -> str:
+    import hashlib
+
+    import numpy as np
+
+    array = np.ascontiguousarray(np.asarray(image, dtype=np.float32))
+    return hashlib.sha256(array.tobytes()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- single files

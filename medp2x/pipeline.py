@@ -198,7 +198,8 @@ class P2XJob:
         its claims rest on (P2X - first stage, anything - Random) and their 95 % intervals."""
         train, test = self._labelled_data(demo, image_size)
         if train is None:
-            print("[4/4] no eval_dir given: skipping the downstream evaluation")
+            why = getattr(self.make_eval_data, "skipped", None) or "no eval_dir given"
+            print(f"[4/4] {why}: skipping the downstream evaluation")
             return []
         from medp2x.evaluate import (
             compare_encoders,
@@ -238,7 +239,9 @@ class P2XJob:
 
     def _labelled_data(self, demo: bool, image_size: int):
         if self.make_eval_data is not None:
-            return self.make_eval_data()
+            train, test = self.make_eval_data()
+            if train is not None:
+                return train, test
         if self.eval_dir:
             from torch.utils.data import Subset
 

@@ -116,3 +116,295 @@ def test_bundle_runs_on_user_data_with_overrides_only(tmp_path):
     assert kept == ["checkpoint_1.pt", "checkpoint_2.pt", "checkpoint_3.pt"]  # all kept
     results = (out / "evaluation" / "results.csv").read_text()
     assert "P2X" in results and "First stage" in results and "Random" in results
+
+
+# ----------------------------------------------------------------------------- MONAI-native bundle
+
+BUNDLES = REPO / "bundles"
+CONFIGS = BUNDLES / "configs"
+
+
+def parse(*files: Path, **overrides):
+    """The config as ``monai.bundle run --config_file "[...]" --key value`` parses it."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(ConfigParser.load_config_files([str(f) for f in files]))
+    parser.update(overrides)
+    parser.parse()
+    return parser
+
+
+def test_metadata_has_the_fields_the_bundle_specification_requires():
+    import json
+
+    import medp2x
+
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["schema"].endswith("/meta_schema_20240725.json")  # one schema version
+    required = {
+        "version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+        "required_packages_version", "name", "task", "description", "authors", "copyright",
+        "network_data_format",
+    }  # fmt: skip
+    assert required <= meta.keys()
+    assert "optional_packages_version" not in meta  # the 2022 schema's field: not mixed in
+    assert meta["version"] in meta["changelog"]
+    assert meta["required_packages_version"]["medp2x"] == medp2x.__version__
+    fields = {
+        "type", "format", "num_channels", "spatial_shape", "dtype", "value_range",
+        "is_patch_data", "channel_def",
+    }  # fmt: skip
+    for part in ("inputs", "outputs"):
+        for name, tensor in meta["network_data_format"][part].items():
+            assert fields <= tensor.keys(), (part, name)
+    # the encoder named in the metadata is the default network_def's
+    network = parse(CONFIGS / "train.json").get_parsed_content("network_def")
+    assert network.feature_dim == meta["network_data_format"]["outputs"]["pred"]["num_channels"]
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert network.conv1.in_channels == image["num_channels"]
+    # the single-file bundles find the same metadata and logging config beside them
+    for name in ("metadata.json", "logging.conf", "evaluate.json"):
+        assert (BUNDLES / name).resolve() == (CONFIGS / name).resolve()
+
+
+def test_single_file_bundles_are_the_merged_overlays_and_overlays_are_short():
+    import json
+
+    from medp2x.bundle import single_file_bundles
+
+    expected = single_file_bundles()
+    assert len(expected) == 20
+    for path, config in expected.items():
+        assert json.loads(path.read_text()) == config, (
+            f"{path.name} is out of date: run python -m medp2x.bundle"
+        )
+    for overlay in sorted((CONFIGS / "benchmarks").glob("*.json")) + [CONFIGS / "p1x.json"]:
+        assert len(overlay.read_text().splitlines()) < 15, overlay.name
+    for layout in ("train.json", "evaluate.json", "inference.json", "multi_gpu_train.json"):
+        assert (CONFIGS / layout).is_file()
+    assert (BUNDLES / "docs" / "README.md").is_file() and (BUNDLES / "LICENSE").is_file()
+
+
+def test_p1x_is_p2x_without_the_surgery_handler_and_overrides_reach_nested_components():
+    from medp2x.handlers import CheckpointSaver, WeightSurgery
+
+    p2x = parse(CONFIGS / "train.json", CONFIGS / "benchmarks" / "us.json")
+    p1x = parse(CONFIGS / "train.json", CONFIGS / "p1x.json", CONFIGS / "benchmarks" / "us.json")
+    handlers = p2x.get_parsed_content("train#handlers")
+    assert isinstance(handlers[0], WeightSurgery) and handlers[0].scale == "per_filter"
+    assert [type(h) for h in p1x.get_parsed_content("train#handlers")] == [
+        type(h) for h in handlers[1:]
+    ]
+    assert p1x.get_parsed_content("job").schedule == "p1x"
+    assert p2x.get_parsed_content("network_def").conv1.in_channels == 1  # US is gray
+    nested = parse(
+        CONFIGS / "train.json",
+        **{
+            "train#handlers#0#scale": "per_layer",
+            "train#handlers#1#every": 7,
+            "method_options": {"temperature": 0.2},
+            "arch": "resnet50",
+        },
+    )
+    job = nested.get_parsed_content("job")
+    assert job.handlers[0].scale == "per_layer" and job._surgery_settings() == ("per_layer", "copy")
+    assert isinstance(job.handlers[1], CheckpointSaver) and job.handlers[1].every == 7
+    assert job.method_options == {"temperature": 0.2}
+    assert job.network_def.feature_dim == 2048  # --arch reaches network_def and the recipe
+
+
+def test_ckpt_export_gives_the_features_of_the_encoder_file(tmp_path):
+    import torch
+    from monai.bundle import ckpt_export
+
+    from medp2x.checkpoints import load_encoder, save_encoder
+    from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, build_encoder
+
+    torch.manual_seed(1)
+    encoder = build_encoder("resnet18")
+    normalization = {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    path = save_encoder(tmp_path / "encoder.pt", encoder.state_dict(), "resnet18", 3, normalization)
+    ts = tmp_path / "encoder.ts"
+    ckpt_export(
+        "network_def", filepath=str(ts), ckpt_file=str(path), key_in_ckpt="state_dict",
+        config_file=str(BUNDLES / "p2x_histo.json"), meta_file=str(CONFIGS / "metadata.json"),
+    )  # fmt: skip
+    exported = torch.jit.load(str(ts), map_location="cpu").eval()
+    reference, _ = load_encoder(path)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), reference.eval()(x))
+
+
+def write_dicom(path: Path, pixels) -> Path:
+    """A minimal 16-bit MONOCHROME2 ultrasound frame, as a hospital archive exports it."""
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = (
+        meta.MediaStorageSOPClassUID,
+        meta.MediaStorageSOPInstanceUID,
+    )
+    ds.Modality, (ds.Rows, ds.Columns) = "US", pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def dicom_folder(root: Path, n: int = 12) -> Path:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        write_dicom(root / f"study{i // 4}" / f"frame{i}.dcm", rng.integers(0, 4096, (40, 48)))
+    return root
+
+
+def test_hospital_dicom_folder_with_another_windowing_is_an_overlay(tmp_path):
+    """docs/bundles.md, customisation 1: the reader replaced by a DICOM reader with percentile
+    windowing, from an overlay file only."""
+    import json
+
+    import torch
+
+    from medp2x.data.dicom import DicomDataset
+
+    overlay = tmp_path / "my_dicom.json"
+    overlay.write_text(json.dumps(HOSPITAL_DICOM_OVERLAY))
+    job = parse(
+        CONFIGS / "train.json", CONFIGS / "benchmarks" / "us.json", overlay
+    ).get_parsed_content("job")
+    scans = dicom_folder(tmp_path / "scans")
+    dataset = job.make_dataset(scans, 32)
+    assert isinstance(dataset, DicomDataset) and len(dataset) == 12
+    image = dataset[0]["image"]
+    assert image.shape[0] == 1 and min(image.shape[1:]) == 32  # capped on the shorter side
+    options = dict(channels=1, resize="cap", image_size=32)
+    wanted = DicomDataset(scans, window="percentile", percentiles=(1, 99), **options)[0]["image"]
+    minmax = DicomDataset(scans, window="minmax", **options)[0]["image"]
+    torch.testing.assert_close(image, wanted)
+    assert not torch.allclose(image, minmax)
+
+
+HOSPITAL_DICOM_OVERLAY = {
+    "dataset": {
+        "_target_": "medp2x.bundle.FolderReader",
+        "reader": {
+            "_target_": "medp2x.data.dicom.DicomDataset",
+            "_mode_": "callable",
+            "window": "percentile",
+            "percentiles": [1, 99],
+            "channels": 1,
+            "resize": "cap",
+            "on_error": "skip",
+        },
+    }
+}
+
+USER_HANDLER = '''
+from pathlib import Path
+from ignite.engine import Events
+
+
+class CountSteps:
+    """A hospital's own handler: counts the steps and writes the count at the end."""
+
+    def __init__(self, path):
+        self.path, self.steps = Path(path), 0
+
+    def attach(self, engine):
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.step)
+        engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, self.write)
+
+    def step(self, engine):
+        self.steps += 1
+
+    def write(self, engine):
+        self.path.write_text(str(self.steps))
+'''
+
+
+@pytest.mark.slow
+def test_bundle_runs_from_another_folder_with_nested_overrides_and_a_user_handler(tmp_path):
+    """From any working directory: the single-file bundle by absolute path, a handler setting
+    changed in the list, method options as a dict, a different encoder, and a user-defined
+    handler added with one override."""
+    import json
+    import os
+
+    import numpy as np
+    import torch
+
+    from medp2x.data.wsi import write_pyramidal_tiff
+    from medp2x.networks import build_encoder
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "my_handlers.py").write_text(USER_HANDLER)
+    rng = np.random.default_rng(0)
+    tissue = np.full((256, 256, 3), 235, np.uint8)
+    tissue[32:224, 32:224] = rng.integers(60, 200, (192, 192, 3), dtype=np.uint8)
+    write_pyramidal_tiff(tmp_path / "slides" / "case1.tiff", tissue, tile=64, levels=2, mpp=0.5)
+    ckpt = tmp_path / "ssl.pth"
+    torch.save(build_encoder("resnet34").state_dict(), ckpt)
+    count = tmp_path / "steps.txt"
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str(BUNDLES / "p2x_histo.json"),
+        "--data_dir", str(tmp_path / "slides"), "--ssl_checkpoint", str(ckpt),
+        "--output_dir", "run", "--arch", "resnet34", "--image_size", "32", "--source_size", "48",
+        "--batch_size", "4", "--epochs", "1", "--max_iterations", "2", "--amp", "false",
+        "--train#handlers#0#scale", "per_layer",
+        "--method_options", "{'temperature': 0.2}",
+        "--train#extra_handlers", f"[{{'_target_': 'my_handlers.CountSteps', 'path': '{count}'}}]",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(elsewhere)}
+    result = subprocess.run(
+        cmd, cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = elsewhere / "run" / "p2x"
+    record = json.loads((out / "run_config.json").read_text())
+    assert record["meta"]["arch"] == "resnet34" and record["recipe"]["temperature"] == 0.2
+    assert (record["scale"], record["filters"]) == ("per_layer", "copy")
+    classes = [h["class"].rsplit(".", 1)[-1] for h in record["handlers"]]
+    assert classes[0] == "WeightSurgery" and classes[-1] == "CountSteps"
+    assert record["handlers"][0]["scale"] == "per_layer"
+    assert "layer" in (out / "surgery_report.csv").read_text()
+    assert count.read_text() == "2"  # the user's handler ran on every step
+    assert "[4/4] no eval_dir given: skipping the downstream evaluation" in result.stdout
+
+
+def test_private_dicom_folder_pretrains_and_skips_the_benchmark_evaluation(tmp_path, capsys):
+    """A hospital's ultrasound DICOM folder is not laid out as BUSI: the US bundle pretrains on
+    it, says so, and skips the BUSI evaluation in one line; the run ends normally (exit 0)."""
+    from monai.bundle import run
+
+    scans = dicom_folder(tmp_path / "us_scans")
+    out = tmp_path / "run"
+    run(
+        config_file=str(BUNDLES / "p1x_us.json"), data_dir=str(scans), output_dir=str(out),
+        image_size=32, source_size=40, batch_size=4, epochs=1, max_iterations=2, amp=False,
+    )  # fmt: skip
+    text = capsys.readouterr().out
+    assert (out / "p1x" / "encoder.pt").is_file()
+    assert (
+        f"[data] {scans} is not laid out as the us benchmark: pretraining on the 12 samples" in text
+    )
+    skipped = [line for line in text.splitlines() if line.startswith("[4/4]")]
+    assert (
+        len(skipped) == 1
+        and "BUSI" in skipped[0]
+        and "skipping the downstream evaluation" in skipped[0]
+    )
+    assert not (out / "evaluation").exists()
