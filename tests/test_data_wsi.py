@@ -238,6 +238,18 @@ def corrupt_level0(path: Path) -> None:
             handle.write(b"\0" * count)
 
 
+def corrupt_tile(path: Path, x: int, y: int) -> None:
+    """Zero the compressed data of the one level-0 TIFF tile that holds pixel (x, y)."""
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        k = (y // page.tilelength) * across + x // page.tilewidth
+        offset, count = page.dataoffsets[k], page.databytecounts[k]
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(b"\0" * count)
+
+
 def test_tile_read_failure_is_named_or_replaced(slide, tmp_path):
     rgb = slide[1]
     write_pyramidal_tiff(tmp_path / "a_broken.tif", rgb)
@@ -249,12 +261,33 @@ def test_tile_read_failure_is_named_or_replaced(slide, tmp_path):
         strict[0]
     lenient = WSITileDataset(tmp_path, tile_size=128, on_error="skip")
     first_good = len(lenient.slides[0].xy)
-    sample = lenient[0]
-    assert sample["meta"]["slide"] == "b_good.tif" and sample["meta"]["skipped"] == 1
+    sample = lenient[0]  # every tile of a_broken fails, one by one: b_good's first stands in
+    assert sample["meta"]["slide"] == "b_good.tif" and sample["meta"]["skipped"] == first_good
     assert torch.equal(sample["image"], lenient[first_good]["image"])
-    assert len(lenient.skipped) == 1 and "a_broken.tif" in lenient.skipped.skipped[0][0]
-    lenient[1]  # the broken slide is remembered: no second skip entry
-    assert len(lenient.skipped) == 1
+    assert len(lenient.skipped) == first_good
+    assert all("a_broken.tif" in path for path, _ in lenient.skipped.skipped)
+    lenient[1]  # the broken tiles are remembered: no second skip entry
+    assert len(lenient.skipped) == first_good
+
+
+def test_slide_with_some_corrupt_tiles_keeps_its_readable_tiles(slide, tmp_path):
+    """#21: one damaged tile drops that tile, not the slide."""
+    path = write_pyramidal_tiff(tmp_path / "partly.tif", slide[1])
+    tiles = WSITileDataset(path, tile_size=128, min_tissue=0, on_error="skip")
+    x, y = (int(v) for v in tiles.slides[0].xy[0])
+    corrupt_tile(path, x, y)
+    tiles = WSITileDataset(path, tile_size=128, min_tissue=0, on_error="skip")
+    served = [tiles[i]["meta"] for i in range(len(tiles))]
+    positions = {(m["x"], m["y"]) for m in served}
+    same_tiff_tile = {
+        (int(a), int(b))
+        for a, b in tiles.slides[0].xy
+        if a // 256 == x // 256 and b // 256 == y // 256
+    }
+    assert positions == {(int(a), int(b)) for a, b in tiles.slides[0].xy} - same_tiff_tile
+    assert len(tiles.skipped) == len(same_tiff_tile) == 4  # four 128 px tiles in a 256 px one
+    reasons = " ".join(reason for _, reason in tiles.skipped.skipped)
+    assert all(f"({a}, {b})" in reasons for a, b in same_tiff_tile)
 
 
 def test_max_tiles_per_slide_is_a_seeded_subset(slide):

@@ -54,6 +54,7 @@ def nifti_declaring(path: Path, shape: tuple[int, ...], dtype=np.uint8) -> Path:
     header.set_data_dtype(dtype)
     header.set_data_shape(shape)
     header.set_qform(np.eye(4), code=1)
+    header["vox_offset"] = 352  # voxels right after the header and its extension flag
     raw = header.binaryblock + b"\0" * 4 + b"\0" * 64  # header, extension flag, a bit of data
     path.write_bytes(gzip.compress(raw) if path.name.endswith(".gz") else raw)
     return path

@@ -113,3 +113,26 @@ def test_scan_reads_shared_dicom_and_nifti(kind, folder, module, capsys):
     assert f"kind: {kind}" in out and "12 read (--limit)" in out
     assert re.search(r"files:\s+[1-9]", out), "no file counted"
     assert code == (0 if "all files readable" in out else 1)
+
+
+def test_scan_counts_links_and_prints_non_utf8_names_under_strict_utf8(tmp_path, monkeypatch):
+    """#21: dangling links and link loops are counted, not dropped; a file name that is not
+    UTF-8 is shown escaped instead of ending the scan with UnicodeEncodeError."""
+    import io
+    import os
+    import sys
+
+    root = image_folder(tmp_path / "data", bad=False)
+    (root / "dogs" / "gone.png").symlink_to(root / "dogs" / "nowhere.png")
+    (root / "cats" / "loop").symlink_to(root)
+    bad_name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes: not valid UTF-8
+    (root / "cats" / bad_name).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", stream)
+    assert main(["scan", str(root)]) == 1
+    stream.flush()
+    out = stream.buffer.getvalue().decode("utf-8")
+    assert "gone.png: dangling symbolic link" in out
+    assert "loop: symbolic link loop" in out
+    assert "caf\\xe9.png: not an image" in out
+    assert "unreadable: 3" in out

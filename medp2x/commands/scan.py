@@ -78,9 +78,18 @@ def run(args: argparse.Namespace) -> int:
         report = scan_dataset(dataset, args.limit)
     finally:
         data_logger.setLevel(level)
-    print(f"scan of {path} (kind: {kind}{', ' + found if found else ''})")
-    print("\n".join(report.lines(dataset, kind)))
+    say(f"scan of {path} (kind: {kind}{', ' + found if found else ''})")
+    say("\n".join(report.lines(dataset, kind)))
     return 0 if report.all_readable else 1
+
+
+def say(text: str) -> None:
+    """Print ``text`` whatever bytes its file names hold: a name that is not valid UTF-8
+    (Python keeps its bytes as surrogate escapes) is shown with ``\\xNN`` escapes rather than
+    ending the scan with a UnicodeEncodeError under a strict UTF-8 locale."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    print(raw.encode(encoding, "backslashreplace").decode(encoding))
 
 
 # ---------------------------------------------------------------------- which reader
@@ -100,10 +109,10 @@ def detect_kind(path: Path) -> tuple[str, str]:
 
 
 def _visible_files(root: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    from medp2x.data.base import walk_tree
+
+    return walk_tree(
+        root, lambda p: not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
 
 
@@ -188,6 +197,7 @@ class ScanReport:
     ranges: dict = field(default_factory=dict)  # source kind -> [count, min, max]
     blank: int = 0
     errors: dict = field(default_factory=dict)  # path -> reason (first one)
+    failures: Counter = field(default_factory=Counter)  # path -> samples that failed
     index_errors: list = field(default_factory=list)  # (path, reason) found while indexing
 
     @property
@@ -217,7 +227,11 @@ class ScanReport:
             out.append(f"blank:    {self.blank} sample(s) of one constant value")
         problems = list(self.index_errors) + sorted(self.errors.items())
         out.append(f"unreadable: {len(problems)}" if problems else "all files readable")
-        out += [f"  {p}: {reason}" for p, reason in problems]
+        for p, reason in problems:
+            more = self.failures[p] - 1  # e.g. the other broken tiles of one slide
+            out.append(
+                f"  {p}: {reason}" + (f" (+{more} more sample(s) of it)" if more > 0 else "")
+            )
         return out
 
 
@@ -239,6 +253,7 @@ def scan_dataset(dataset, limit: int | None = None) -> ScanReport:
             sample = load(int(i))
         except UnreadableFileError as err:
             report.errors.setdefault(err.path, err.reason)
+            report.failures[err.path] += 1
             continue
         except Exception as err:  # a reader bug must be reported, not end the scan
             report.errors.setdefault(f"sample {i}", f"{type(err).__name__}: {err}")

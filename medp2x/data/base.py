@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -44,11 +44,17 @@ PIXEL_BUDGET_ENV = "MEDP2X_PIXEL_BUDGET"
 
 
 class UnreadableFileError(ValueError):
-    """A file a reader cannot turn into pixels. The message is ``<path>: <reason>``."""
+    """A file a reader cannot turn into pixels. The message is ``<path>: <reason>``.
 
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = str(path), reason
+    ``part`` marks a failure of one part of a file that is otherwise readable (a tile of a
+    slide): skip mode then drops that sample only, not every sample of the file."""
+
+    def __init__(self, path: str | Path, reason: str, part: str | None = None):
+        self.path, self.reason, self.part = str(path), reason, part
         super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):  # DataLoader workers re-raise it in the main process
+        return (type(self), (self.path, self.reason, self.part))
 
 
 def pixel_budget() -> int:
@@ -125,7 +131,8 @@ class SkipUnreadable:
     """``__getitem__`` with the bad-file policy, on top of a reader's ``load(index)``.
 
     ``raise``: ``load`` as it is. ``skip``: the next readable sample stands in (wrapping round),
-    each bad source file is recorded once in ``self.skipped`` and never tried again, and
+    each bad source file is recorded once in ``self.skipped`` and never tried again (a bad
+    part of a file, ``UnreadableFileError.part``, only that sample), and
     ``meta["skipped"]`` says how many were passed over. A ``Dataset`` cannot drop an index, so
     standing in keeps batch shapes and epoch lengths; readers say which source file (slide,
     DICOM file, volume) a sample comes from with ``source_of``.
@@ -150,12 +157,12 @@ class SkipUnreadable:
         for offset in range(len(self)):  # type: ignore[arg-type]
             candidate = (index + offset) % len(self)  # type: ignore[arg-type]
             source = self.source_of(candidate)
-            if source in bad:
+            if source in bad or ("part", candidate) in bad:
                 continue
             try:
                 sample = self.load(candidate)
             except UnreadableFileError as err:
-                bad.add(source)
+                bad.add(("part", candidate) if err.part else source)  # a tile, or the file
                 self.skipped.add(err.path, err.reason)
                 passed_over += 1
                 continue
@@ -193,6 +200,10 @@ class SplitSubset(Subset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         return [self[i] for i in indices]
 
+    @property
+    def classes(self) -> list[str] | None:  # the class names are the whole dataset's
+        return getattr(self.dataset, "classes", None)
+
 
 def flatten_subset(dataset: Dataset) -> tuple[Dataset, list[int]]:
     """(the dataset under any nesting of ``Subset``, the indices into it)."""
@@ -205,8 +216,8 @@ def flatten_subset(dataset: Dataset) -> tuple[Dataset, list[int]]:
 
 
 def drop_unreadable(split: Dataset) -> SplitSubset | Dataset:
-    """``split`` without the samples that cannot be read, each bad file dropped from its own
-    split and listed in ``.dropped``: a labelled split (train or test of an evaluation) must
+    """``split`` without the samples that cannot be read (``split`` itself when all can), each
+    bad file dropped from its own split and listed in ``.dropped``: a labelled split (train or test of an evaluation) must
     never have a bad file replaced by an image of another split. Every sample is decoded once,
     up front. Datasets without ``load`` (in-memory arrays, TFDS) are returned as they are."""
     base, indices = flatten_subset(split)
@@ -225,10 +236,9 @@ def drop_unreadable(split: Dataset) -> SplitSubset | Dataset:
             dropped.append((err.path, err.reason))
             continue
         keep.append(i)
-    if dropped:
-        logger.warning(
-            "%d unreadable file(s) dropped from a split of %d", len(dropped), len(indices)
-        )
+    if not dropped:
+        return split  # as it was (a whole dataset keeps its attributes: classes, items)
+    logger.warning("%d unreadable file(s) dropped from a split of %d", len(dropped), len(indices))
     return SplitSubset(base, keep, dropped)
 
 
@@ -253,14 +263,69 @@ def existing_path(path: str | Path, what: str = "data_dir") -> Path:
     return p
 
 
-def list_files(root: str | Path, suffixes: Iterable[str]) -> list[Path]:
+def walk_tree(
+    root: str | Path,
+    wanted: Callable[[Path], bool] = lambda _: True,
+    problems: list[tuple[str, str]] | None = None,
+) -> list[Path]:
+    """Regular files under ``root`` for which ``wanted(path)`` holds, sorted (reproducible
+    sample order across machines). Links to files and folders are followed (archives are often
+    assembled from links), each real folder once; what cannot be walked is not dropped in
+    silence but appended to ``problems`` as (path, reason): a link whose target is missing, a
+    link back into a folder above it, a folder that cannot be listed."""
+    root = Path(root)
+    found: list[Path] = []
+    seen: set[str] = set()
+
+    def note(path: Path | str, reason: str) -> None:
+        if problems is not None:
+            problems.append((str(path), reason))
+
+    def visit(folder: Path) -> None:
+        real = os.path.realpath(folder)
+        if folder.is_symlink():
+            above = os.path.realpath(folder.parent)
+            if above == real or above.startswith(real.rstrip(os.sep) + os.sep):
+                note(folder, "symbolic link loop (a link to a folder above it): not followed")
+                return
+        if real in seen:  # reached again through another link: read once
+            return
+        seen.add(real)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as err:
+            note(folder, f"folder cannot be listed ({err.strerror}): its files are not read")
+            return
+        for entry in entries:
+            path = Path(entry.path)
+            try:
+                is_dir, is_file = entry.is_dir(), entry.is_file()
+            except OSError as err:
+                note(path, f"cannot stat ({err.strerror})")
+                continue
+            if is_dir:
+                visit(path)
+            elif is_file:
+                if wanted(path):
+                    found.append(path)
+            elif entry.is_symlink() and wanted(path):
+                note(path, "dangling symbolic link (its target does not exist)")
+
+    visit(root)
+    return sorted(found)
+
+
+def list_files(
+    root: str | Path, suffixes: Iterable[str], problems: list[tuple[str, str]] | None = None
+) -> list[Path]:
     """Files under ``root`` (or ``root`` itself) with one of the suffixes, sorted for
-    reproducible sample order across machines."""
+    reproducible sample order across machines (``walk_tree``: what cannot be walked goes to
+    ``problems``)."""
     root = existing_path(root)
     wanted = tuple(s.lower() for s in suffixes)
     if root.is_file():
         return [root]
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.name.lower().endswith(wanted))
+    return walk_tree(root, lambda p: p.name.lower().endswith(wanted), problems)
 
 
 # ---------------------------------------------------------------------- sizes

@@ -51,6 +51,7 @@ from medp2x.data.base import (
     existing_path,
     handle_bad_file,
     resize_to,
+    walk_tree,
 )
 from medp2x.data.intensity import percentile_window, scale_to_unit, to_sample_tensor
 
@@ -213,7 +214,7 @@ def _inferred_syntax(header: Dataset) -> UID:
     return ExplicitVRLittleEndian if little is not False else ExplicitVRBigEndian
 
 
-def find_dicom_files(root: str | Path) -> list[Path]:
+def find_dicom_files(root: str | Path, problems: list | None = None) -> list[Path]:
     """DICOM candidates under ``root`` (itself if a file), sorted: files with a DICOM suffix,
     and suffix-less files carrying the ``DICM`` marker (scanners often write ``IM0001``) or
     opening on a DICOM element without it (older ACR-NEMA-style exports).
@@ -221,14 +222,14 @@ def find_dicom_files(root: str | Path) -> list[Path]:
     root = existing_path(root, "DICOM root")
     if root.is_file():
         return [root]
-    found = []
-    for path in sorted(root.rglob("*")):
-        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
-            continue
+
+    def wanted(path: Path) -> bool:
+        if path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+            return False
         suffix = path.suffix.lower()
-        if suffix in DICOM_SUFFIXES or (not suffix and _looks_like_dicom(path)):
-            found.append(path)
-    return found
+        return suffix in DICOM_SUFFIXES or (not suffix and _looks_like_dicom(path))
+
+    return walk_tree(root, wanted, problems)
 
 
 # --------------------------------------------------------------------------- header index
@@ -579,7 +580,11 @@ class DicomDataset(SkipUnreadable, TorchDataset):
     def _build_index(self, index_cache: str | Path | None) -> None:
         cached = _load_index_cache(index_cache)
         fresh: dict[str, dict] = {}
-        for path in find_dicom_files(self.root):
+        problems: list[tuple[str, str]] = []
+        files = find_dicom_files(self.root, problems)
+        for path, reason in problems:
+            handle_bad_file(path, reason, self.on_error, self.skipped)
+        for path in files:
             info = self._file_info(path, cached, fresh)
             if info is None:
                 continue

@@ -37,6 +37,7 @@ from medp2x.data.base import (
     existing_path,
     handle_bad_file,
     resize_to,
+    walk_tree,
 )
 
 logger = logging.getLogger("medp2x.data")
@@ -115,9 +116,15 @@ class ImageFolderDataset(ImageFileDataset):
             raise ValueError(f"image folder {str(self.root)!r} is not a folder")
         exts = tuple(e.lower() if e.startswith(".") else f".{e.lower()}" for e in extensions)
         class_dirs = [d for d in sorted(self.root.iterdir()) if d.is_dir() and _visible(d)]
-        per_class = {d.name: _images_under(d, exts) for d in class_dirs}
+        problems: list[tuple[str, str]] = []  # dangling links, link loops, unlistable folders
+        per_class = {d.name: _images_under(d, exts, problems) for d in class_dirs}
         per_class = {name: files for name, files in per_class.items() if files}
         top_level = [f for f in sorted(self.root.iterdir()) if _is_image(f, exts)]
+        problems += [
+            (str(f), "dangling symbolic link (its target does not exist)")
+            for f in sorted(self.root.iterdir())
+            if f.is_symlink() and not f.exists() and f.name.lower().endswith(exts)
+        ]
         if per_class:
             if top_level:
                 logger.warning(
@@ -129,7 +136,11 @@ class ImageFolderDataset(ImageFileDataset):
             classes, items = None, [(f, -1) for f in top_level]
         if not items:
             raise ValueError(f"no {'/'.join(exts)} images under {self.root}")
+        skipped = SkipLog()
+        for path, reason in problems:
+            handle_bad_file(path, reason, check_on_error(on_error), skipped)
         super().__init__(items, gray, image_size, on_error, classes, resize)
+        self.skipped = skipped
 
 
 class CSVManifestDataset(ImageFileDataset):
@@ -179,12 +190,15 @@ def _is_image(path: Path, exts: tuple[str, ...]) -> bool:
     return path.is_file() and _visible(path) and path.name.lower().endswith(exts)
 
 
-def _images_under(folder: Path, exts: tuple[str, ...]) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.rglob("*")
-        if _is_image(p, exts)
-        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+def _images_under(folder: Path, exts: tuple[str, ...], problems: list | None = None) -> list[Path]:
+    return walk_tree(
+        folder,
+        lambda p: (
+            _visible(p)
+            and p.name.lower().endswith(exts)
+            and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        ),
+        problems,
     )
 
 

@@ -40,6 +40,7 @@ from medp2x.data.base import (
     existing_path,
     handle_bad_file,
     resize_to,
+    walk_tree,
 )
 from medp2x.data.intensity import percentile_window, scale_to_unit, to_sample_tensor
 
@@ -66,15 +67,16 @@ class VolumeEntry:
 # --------------------------------------------------------------------------- files and masks
 
 
-def find_nifti_files(root: str | Path) -> list[Path]:
-    """``.nii`` and ``.nii.gz`` files under ``root`` (itself if a file), sorted."""
+def find_nifti_files(root: str | Path, problems: list | None = None) -> list[Path]:
+    """``.nii`` and ``.nii.gz`` files under ``root`` (itself if a file), sorted; dangling
+    links, link loops and unlistable folders go to ``problems`` (``base.walk_tree``)."""
     root = existing_path(root, "NIfTI root")
     if root.is_file():
         return [root]
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(NIFTI_SUFFIXES)
+    return walk_tree(
+        root,
+        lambda p: not p.name.startswith(".") and p.name.lower().endswith(NIFTI_SUFFIXES),
+        problems,
     )
 
 
@@ -129,6 +131,13 @@ def _load_header(path: Path) -> nib.Nifti1Image:
         raise UnreadableFileError(path, reason) from None
     if not isinstance(image, nib.Nifti1Image | nib.Nifti2Image):
         raise UnreadableFileError(path, f"not a NIfTI image ({type(image).__name__})")
+    header_size = image.header.sizeof_hdr
+    offset = int(image.dataobj.offset)
+    if path.name.lower().endswith(NIFTI_SUFFIXES) and offset < header_size:
+        # a single-file NIfTI stores its voxels after the header: an offset inside it would
+        # read the header's own bytes as voxels (nibabel does not object)
+        reason = f"corrupt header (voxel data offset {offset} inside the {header_size}-byte header)"
+        raise UnreadableFileError(path, reason)
     dtype = image.get_data_dtype()
     if dtype.fields is not None or np.iscomplexobj(np.zeros(0, dtype)):
         raise UnreadableFileError(path, f"unsupported voxel type {dtype} (RGB or complex)")
@@ -339,7 +348,11 @@ class NiftiSliceDataset(SkipUnreadable, TorchDataset):
     # ----- index
 
     def _build_index(self, mask: MaskRule) -> None:
-        for path, mask_path in pair_masks(find_nifti_files(self.root), mask).items():
+        problems: list[tuple[str, str]] = []
+        files = find_nifti_files(self.root, problems)
+        for path, reason in problems:
+            handle_bad_file(path, reason, self.on_error, self.skipped)
+        for path, mask_path in pair_masks(files, mask).items():
             try:
                 self.volumes.extend(self._index_file(path, mask_path))
             except UnreadableFileError as error:

@@ -40,6 +40,7 @@ from medp2x.data.base import (
     check_on_error,
     existing_path,
     handle_bad_file,
+    walk_tree,
 )
 from medp2x.data.tissue import TISSUE_MODES, tile_fractions, tissue_mask
 
@@ -86,8 +87,8 @@ class WSITileDataset(SkipUnreadable, Dataset):
     "fluorescence" (see ``tissue.py``). ``cache_dir``: where tile indexes are cached.
     ``max_tiles_per_slide``: random subset per slide (``seed``), so huge slides do not dominate.
     ``on_error``: "raise" stops at the first unreadable slide; "skip" records it in
-    ``self.skipped`` and goes on (a tile that fails later is replaced by a tile of the next
-    readable slide). ``allow_empty``: accept a dataset with no tiles (for ``medp2x scan``).
+    ``self.skipped`` and goes on (a tile that fails later is recorded with its position and
+    replaced by the next readable tile; the slide's other tiles stay in). ``allow_empty``: accept a dataset with no tiles (for ``medp2x scan``).
     """
 
     def __init__(
@@ -120,7 +121,10 @@ class WSITileDataset(SkipUnreadable, Dataset):
         self.skipped = SkipLog()
         self.index_stats = {"slides": 0, "from_cache": 0, "computed": 0, "seconds": 0.0}
         start = time.perf_counter()
-        sources = find_slides(slides)
+        problems: list[tuple[str, str]] = []
+        sources = find_slides(slides, problems)
+        for path, reason in problems:
+            handle_bad_file(path, reason, self.on_error, self.skipped)
         if not sources:
             raise ValueError(f"no slide files ({', '.join(WSI_EXTENSIONS)}) in {slides}")
         self.slides = self._index_all(sources, max_tiles_per_slide, seed)
@@ -233,7 +237,9 @@ class WSITileDataset(SkipUnreadable, Dataset):
         except openslide.OpenSlideError as err:
             self._close(s)  # an OpenSlide handle is unusable after an error
             raise UnreadableFileError(
-                info.path, f"cannot read tile at level {info.level} ({x}, {y}): {err}"
+                info.path,
+                f"cannot read tile at level {info.level} ({x}, {y}): {err}",
+                part=f"tile ({x}, {y})",  # the slide's other tiles stay in
             ) from err
         pixels = np.asarray(region)
         if info.read_size != self.tile_size:
@@ -294,14 +300,16 @@ class WSITileDataset(SkipUnreadable, Dataset):
 
 
 # ---------------------------------------------------------------------- slides on disk
-def find_slides(slides: str | Path | Sequence[str | Path]) -> list[tuple[Path, str]]:
+def find_slides(
+    slides: str | Path | Sequence[str | Path], problems: list | None = None
+) -> list[tuple[Path, str]]:
     """(path OpenSlide opens, display name) per slide, sorted. A folder of ``.dcm`` files is
     one DICOM-WSI slide, opened through one of its instances (OpenSlide finds the others)."""
     entries = [slides] if isinstance(slides, (str, Path)) else list(slides)
     found: dict[Path, str] = {}
     for entry in entries:
         root = existing_path(entry, "slide path")
-        files = [root] if root.is_file() else _slide_files(root)
+        files = [root] if root.is_file() else _slide_files(root, problems)
         dicom_dirs = sorted({f.parent for f in files if f.suffix.lower() == ".dcm"})
         for file in files:
             if file.suffix.lower() != ".dcm":
@@ -312,11 +320,11 @@ def find_slides(slides: str | Path | Sequence[str | Path]) -> list[tuple[Path, s
     return sorted(found.items())
 
 
-def _slide_files(root: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in WSI_EXTENSIONS and not p.name.startswith(".")
+def _slide_files(root: Path, problems: list | None = None) -> list[Path]:
+    return walk_tree(
+        root,
+        lambda p: p.suffix.lower() in WSI_EXTENSIONS and not p.name.startswith("."),
+        problems,
     )
 
 
