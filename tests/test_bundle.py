@@ -408,3 +408,36 @@ def test_private_dicom_folder_pretrains_and_skips_the_benchmark_evaluation(tmp_p
         and "skipping the downstream evaluation" in skipped[0]
     )
     assert not (out / "evaluation").exists()
+
+
+def test_inference_bundle_writes_features_without_paths(tmp_path):
+    """configs/inference.json: the features of a folder from an encoder file, equal to the
+    encoder's own on the evaluation view; the output names no file."""
+    import numpy as np
+    import torch
+    from monai.bundle import run
+
+    from medp2x.checkpoints import save_encoder
+    from medp2x.evaluate import EvalSettings, extract_features, resolve_encoder
+    from medp2x.networks import build_encoder
+
+    torch.manual_seed(0)
+    encoder = build_encoder("resnet18", in_channels=1)
+    weights = save_encoder(
+        tmp_path / "encoder.pt", encoder.state_dict(), "resnet18", 1, {"mean": [0.5], "std": [0.25]}
+    )
+    scans = dicom_folder(tmp_path / "scans", n=5)
+    out = tmp_path / "features"
+    run(
+        config_file=str(CONFIGS / "inference.json"), benchmark="us", encoder=str(weights),
+        data_dir=str(scans), output_dir=str(out), image_size=32, batch_size=2,
+    )  # fmt: skip
+    saved = np.load(out / "features.npz")
+    assert saved["features"].shape == (5, 512) and len(set(saved["sha256"])) == 5
+    assert set(saved.files) == {"features", "sha256"}
+    from medp2x.bundle import benchmark_reader
+
+    dataset = benchmark_reader("us")(scans, 32)
+    settings = EvalSettings(image_size=32, batch_size=5, progress=False)
+    expected, _ = extract_features(resolve_encoder(str(weights)), dataset, settings)
+    np.testing.assert_allclose(saved["features"], expected.numpy(), rtol=1e-4, atol=1e-5)
