@@ -52,5 +52,10 @@ label-env: $(LABEL_STAMP)
 test-label: $(STAMP) $(LABEL_STAMP)
 	$(PY) scripts/test_label.py
 
+# Fault injection (#21): bad files, memory cap, kill -9, malicious checkpoints, PHI canary;
+# prints tried/handled/crashed/hung/lost/executed/leaked (docs/data.md, SECURITY.md).
+stress: $(STAMP)
+	nice -n 10 $(PY) benchmarks/stress.py
+
 clean:
 	rm -rf runs .pytest_cache
