@@ -124,7 +124,7 @@ def _array_key(image: np.ndarray) -> str:
 
 
 def _text_key(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 # ----------------------------------------------------------------------------- file hashing
@@ -154,7 +154,11 @@ def _listing_digest(files: Iterable[Path]) -> str:
     h = hashlib.sha256()
     for f in files:
         stat = f.stat()
-        h.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        h.update(
+            f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode(
+                "utf-8", "surrogateescape"
+            )
+        )  # any file name
     return h.hexdigest()
 
 

@@ -239,3 +239,19 @@ def test_benchmark_test_split_drops_its_bad_file_and_the_table_says_so(tmp_path)
     assert "1 unreadable test file(s) dropped" in rows[0]["test_source"]
     assert rows[0]["n_dropped_test"] == 1 and rows[0]["n_dropped_train"] == 0
     assert str(victim) in (tmp_path / "out" / "skipped_files.txt").read_text()
+
+
+def test_seen_files_record_accepts_file_names_that_are_not_utf8(tmp_path):
+    """Found by make stress: a skip-mode run on a folder holding 'caf\\xe9.png' finished
+    training, then died writing seen_files.json (UnicodeEncodeError)."""
+    import os
+
+    from medp2x.data.folder import ImageFolderDataset
+    from medp2x.provenance import record_seen_files
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("a.png", os.fsdecode(b"caf\xe9.png")):
+        Image.fromarray(np.full((8, 8), 99, np.uint8)).save(data / name)
+    record_seen_files(tmp_path / "run", ImageFolderDataset(data), None)
+    assert (tmp_path / "run" / "seen_files.json").is_file()
