@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 from torch.utils.data import Dataset
 
 logger = logging.getLogger("medp2x.pipeline")
@@ -149,7 +150,8 @@ class P2XJob:
             out, demo, first_stage, summary.encoder_path, summary.arch, image_size
         )
         report = {"summary": summary, "results": results, "minutes": (time.time() - started) / 60}
-        print_summary(self, report)
+        if idist.get_rank() == 0:  # one summary, not one per process
+            print_summary(self, report)
         return report
 
     def _surgery_settings(self) -> tuple[str, str]:

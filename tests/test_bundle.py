@@ -211,6 +211,8 @@ def test_p1x_is_p2x_without_the_surgery_handler_and_overrides_reach_nested_compo
     assert isinstance(job.handlers[1], CheckpointSaver) and job.handlers[1].every == 7
     assert job.method_options == {"temperature": 0.2}
     assert job.network_def.feature_dim == 2048  # --arch reaches network_def and the recipe
+    histo = parse(BUNDLES / "p2x_histo.json", tile_size=128).get_parsed_content("dataset")
+    assert histo.factory.options["tile_size"] == 128  # Histo's reader options stay top-level
 
 
 def test_ckpt_export_gives_the_features_of_the_encoder_file(tmp_path):
