@@ -443,3 +443,38 @@ def test_inference_bundle_writes_features_without_paths(tmp_path):
     settings = EvalSettings(image_size=32, batch_size=5, progress=False)
     expected, _ = extract_features(resolve_encoder(str(weights)), dataset, settings)
     np.testing.assert_allclose(saved["features"], expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_every_modality_reads_a_private_folder_and_only_its_evaluation_needs_the_layout(tmp_path):
+    """MRI NIfTI volumes and a folder of RGB photographs: the benchmark readers fall back to the
+    modality's files; the same-set evaluation is skipped with its reason, unless a
+    downstream_dir is given, which must hold the layout; an empty folder keeps the benchmark's
+    message."""
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from medp2x.bundle import benchmark_eval_data, benchmark_reader
+
+    rng = np.random.default_rng(0)
+    volumes = tmp_path / "mri"
+    volumes.mkdir()
+    for i in range(2):
+        volume = rng.random((24, 20, 3)).astype(np.float32)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), volumes / f"case{i}.nii.gz")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    cases = {"mri": (volumes, 1), "satellite": (photos, 3), "aircraft": (photos, 3)}
+    for name, (folder, channels) in cases.items():
+        dataset = benchmark_reader(name)(folder, 16)
+        assert len(dataset) > 0 and dataset[0]["image"].shape[0] == channels, name
+        evaluation = benchmark_eval_data(name, data_dir=str(folder))
+        assert evaluation() == (None, None) and "not found" in evaluation.skipped, name
+        with pytest.raises(FileNotFoundError):
+            benchmark_eval_data(name, downstream_dir=str(folder))()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="EuroSAT"):
+        benchmark_reader("satellite")(empty, 16)
