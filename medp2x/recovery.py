@@ -142,12 +142,12 @@ def recover_checkpoints(checkpoint_dir: str | Path, rank_zero: bool = True) -> R
     recovery.removed_partial = removed
     for path in removed:
         message = f"removed {path}: the temporary file of a checkpoint save that never finished"
-        logger.warning(message)
+        logger.info(message)  # printed below: once on screen
         if rank_zero:
             print(message)
     for path, reason in recovery.skipped:
         message = f"checkpoint {path} skipped: {reason}"
-        logger.warning(message)
+        logger.info(message)  # printed below: once on screen
         if rank_zero:
             print(message)
             aside = path.with_name(path.name + UNLOADABLE_SUFFIX)
