@@ -238,6 +238,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     with step("write the studies"):
         truth = write_studies(args.data, studies, args.per_class)
         log(f"{len(truth)} PNG images of PneumoniaMNIST's test split in {studies}")
+        for sample in args.volumes:  # unlabelled: they exercise the DICOM / NIfTI input path
+            shutil.copy(sample, studies / sample.name)
+        log(f"and, unlabelled, {', '.join(v.name for v in args.volumes)}")
     app.mkdir()
     shutil.copy(REPO / "monailabel_app" / "main.py", app / "main.py")
 
@@ -340,6 +343,11 @@ def exercise(server: Server, bundle: Path, truth: dict[str, str], args) -> None:
             log(f"after training: {image_id} (truth {truth[image_id]}): {prediction(result)}")
             changed |= prediction(result) != prediction(before[image_id])
         check(changed, "the served predictions did not change after training: old model served?")
+        for sample in args.volumes:  # not chest X-rays: only the input path is under test
+            image_id = sample.name.removesuffix(".gz").rsplit(".", 1)[0]
+            status, result = request("POST", f"{url}/infer/{MODEL}?image={image_id}&output=json")
+            check(status == 200, f"infer {image_id}: {status} {result}")
+            log(f"{sample.name} (middle slice / frame): {prediction(result)}")
 
 
 def main() -> int:
@@ -355,6 +363,17 @@ def main() -> int:
         "--data", type=Path, default=shared / "data" / "medmnist" / "pneumoniamnist_official.npz"
     )
     parser.add_argument("--per-class", type=int, default=8, help="images per class (default 8)")
+    samples = shared / "data"
+    parser.add_argument(
+        "--volumes",
+        type=Path,
+        nargs="*",
+        default=[
+            samples / "dicom_samples" / "MR" / "DICOMSamples_MR_heart_16f.dcm",
+            samples / "nifti_brain" / "dipy" / "S0_10slices.nii.gz",
+        ],
+        help="DICOM / NIfTI files served unlabelled, to infer on after training",
+    )
     parser.add_argument("--start-timeout", type=float, default=180)
     parser.add_argument("--train-timeout", type=float, default=600)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
@@ -363,6 +382,7 @@ def main() -> int:
         (args.monailabel, "MONAI Label (make label-env)"),
         (args.encoder, "encoder"),
         (args.data, "PneumoniaMNIST"),
+        *((volume, "sample file") for volume in args.volumes),
     ):
         if not path.exists():
             print(f"test-label: {path}: missing {what}", file=sys.stderr)
