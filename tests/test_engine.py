@@ -3,6 +3,8 @@ exactly the weights of an uninterrupted one, and surgery runs on fresh runs only
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from ignite.engine import Engine
@@ -220,3 +222,56 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path):
     assert last.name == "checkpoint_3.pt"
     state = read_checkpoint(last, in_channels=None)[0]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_the_bundles_composition_equals_the_python_api(tmp_path):
+    """What a bundle runs (a declared network_def receiving the first-stage weights, the
+    declared method/views/optimiser callables, the handler list it parses, composed from the
+    engine's pieces) trains to exactly the weights of ``pretrain(cfg)``, and killed/resumed it
+    still does (surgery once)."""
+    from monai.bundle import ConfigParser
+
+    from medp2x import engine
+    from medp2x.methods import build_method
+    from medp2x.optim import build_optimizer
+    from medp2x.views import build_views
+
+    repo = Path(__file__).resolve().parents[1]
+    first = tmp_path / "first.pt"
+    torch.manual_seed(3)
+    save_encoder(first, build_encoder("resnet18").state_dict(), "resnet18", 3, None)
+    short = dict(ssl_checkpoint=first, epochs=1, checkpoint_every=2)  # 4 iterations
+    api = pretrain(tiny_config(tmp_path, "api", **short))
+
+    def bundle_handlers() -> list:
+        parser = ConfigParser(ConfigParser.load_config_files(str(repo / "bundles/p2x_histo.json")))
+        parser.update({"checkpoint_every": 2, "keep_checkpoints": 10})
+        parser.parse()
+        return parser.get_parsed_content("train#handlers")
+
+    def composed(**kw):
+        cfg = tiny_config(tmp_path, "bundle", **short, **kw)
+        run = engine.build_run(
+            cfg, encoder=build_encoder("resnet18"), method=build_method, views=build_views,
+            optimizer=build_optimizer,
+        )  # fmt: skip
+        trainer = engine.create_trainer(run)
+        engine.attach_handlers(trainer, [*bundle_handlers()[:2], None])  # surgery, checkpoints
+        engine.resume(trainer)
+        engine.train(trainer)
+        return engine.finish(trainer)
+
+    killed = composed(max_iterations=3)
+    assert killed.surgery_applied and (tmp_path / "bundle" / "surgery_report.csv").is_file()
+    for path in (tmp_path / "bundle" / "checkpoints").glob("checkpoint_*.pt"):
+        if int(path.stem.split("_")[1]) > 2:
+            path.unlink()  # iteration 3 is lost work, redone identically
+    resumed = composed()
+    assert resumed.resumed and not resumed.surgery_applied
+    a, b = encoder_weights(api.encoder_path), encoder_weights(resumed.encoder_path)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6, msg=key)
+    with pytest.raises(TypeError, match="no attach"):
+        engine.attach_handlers(
+            engine.create_trainer(engine.build_run(tiny_config(tmp_path, "x"))), [1]
+        )
