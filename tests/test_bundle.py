@@ -388,14 +388,16 @@ def test_bundle_runs_from_another_folder_with_nested_overrides_and_a_user_handle
 
 
 def test_private_dicom_folder_pretrains_and_skips_the_benchmark_evaluation(tmp_path, capsys):
-    """A hospital's ultrasound DICOM folder is not laid out as BUSI: the US bundle pretrains on
-    it, says so, and skips the BUSI evaluation in one line; the run ends normally (exit 0)."""
+    """A hospital's ultrasound DICOM folder is not laid out as BUSI: the US bundle (here in the
+    model-zoo form, train.json + p1x.json + benchmarks/us.json) pretrains on it, says so, and
+    skips the BUSI evaluation in one line; the run ends normally (exit 0)."""
     from monai.bundle import run
 
     scans = dicom_folder(tmp_path / "us_scans")
     out = tmp_path / "run"
+    overlays = [CONFIGS / "train.json", CONFIGS / "p1x.json", CONFIGS / "benchmarks" / "us.json"]
     run(
-        config_file=str(BUNDLES / "p1x_us.json"), data_dir=str(scans), output_dir=str(out),
+        config_file=[str(f) for f in overlays], data_dir=str(scans), output_dir=str(out),
         image_size=32, source_size=40, batch_size=4, epochs=1, max_iterations=2, amp=False,
     )  # fmt: skip
     text = capsys.readouterr().out
