@@ -378,6 +378,8 @@ def main() -> int:
     parser.add_argument("--train-timeout", type=float, default=600)
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     args = parser.parse_args()
+    # A SIGTERM (make or CI stopping us) unwinds like Ctrl-C, through the server's stop().
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for path, what in (
         (args.monailabel, "MONAI Label (make label-env)"),
         (args.encoder, "encoder"),
