@@ -105,7 +105,8 @@ def parsed(bundle: Path, config: str, key: str, **overrides):
 
 def test_layout_and_metadata(bundle):
     for part in ("configs/metadata.json", "configs/inference.json", "configs/train.json",
-                 "configs/logging.conf", "models/model.pt", "scripts/__init__.py",
+                 "configs/logging.conf",
+        "configs/multi_gpu_train.json", "models/model.pt", "scripts/__init__.py",
                  "scripts/p2x_classification.py", "docs/README.md"):  # fmt: skip
         assert (bundle / part).is_file(), part
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())

@@ -118,6 +118,7 @@ def export_bundle(
     write_json(out / "configs" / "metadata.json", metadata(spec))
     write_json(out / "configs" / "inference.json", inference_config(spec))
     write_json(out / "configs" / "train.json", train_config(spec))
+    write_json(out / "configs" / "multi_gpu_train.json", MULTI_GPU_TRAIN)
     (out / "configs" / "logging.conf").write_text(LOGGING_CONF)
     scripts = out / "scripts"
     scripts.mkdir(parents=True, exist_ok=True)
@@ -532,6 +533,49 @@ def train_config(spec: BundleSpec) -> dict:
         }
     )
     return config
+
+
+# Overlay on train.json for torchrun (one process per GPU; MONAI Label uses it on a machine with
+# more than one GPU, and without it skips training there). Each process trains on its shard;
+# rank 0 alone logs and writes models/model.pt. Falls back to gloo on CPU processes.
+MULTI_GPU_TRAIN = {
+    "imports": [
+        "$import torch",
+        "$import monai",
+        "$import os",
+        "$import torch.distributed as dist",
+    ],
+    "device": "$torch.device(f\"cuda:{os.environ['LOCAL_RANK']}\") if torch.cuda.is_available() else torch.device('cpu')",
+    "network": {
+        "_target_": "torch.nn.parallel.DistributedDataParallel",
+        "module": "$@network_def.to(@device)",
+        "device_ids": "$[@device] if torch.cuda.is_available() else None",
+    },
+    "train#sampler": {
+        "_target_": "DistributedSampler",
+        "dataset": "@train#dataset",
+        "even_divisible": True,
+        "shuffle": True,
+    },
+    "train#dataloader#sampler": "@train#sampler",
+    "train#dataloader#shuffle": False,
+    "train#trainer#train_handlers": "$@train#handlers[: -2 if dist.get_rank() > 0 else None]",
+    "validate#sampler": {
+        "_target_": "DistributedSampler",
+        "dataset": "@validate#dataset",
+        "even_divisible": False,
+        "shuffle": False,
+    },
+    "validate#dataloader#sampler": "@validate#sampler",
+    "validate#evaluator#val_handlers": "$None if dist.get_rank() > 0 else @validate#handlers",
+    "initialize": [
+        "$dist.is_initialized() or dist.init_process_group(backend='nccl' if torch.cuda.is_available() else 'gloo')",
+        "$torch.cuda.set_device(@device) if torch.cuda.is_available() else None",
+        "$monai.utils.set_determinism(seed=0)",
+    ],
+    "run": ["$@train#trainer.run()"],
+    "finalize": ["$dist.is_initialized() and dist.destroy_process_group()"],
+}
 
 
 def metadata(spec: BundleSpec) -> dict:
