@@ -7,6 +7,7 @@
                                 = the classes), versions, intended use, input policy
         configs/inference.json  preprocessing, network_def, inferer, postprocessing, evaluator
         configs/train.json      fine-tuning: top-level "network", train#handlers as a list
+        configs/multi_gpu_train.json   the torchrun overlay (MONAI Label uses it on 2+ GPUs)
         configs/logging.conf
         models/model.pt         the encoder + a zero linear head (torchvision state dict)
         scripts/p2x_classification.py   input and label policy (numpy, torch, MONAI only)
@@ -112,8 +113,8 @@ def export_bundle(
     )
     if spec.batch_size < 2:
         raise ValueError("batch_size: fine-tuning needs at least 2 images per batch (BatchNorm)")
-    prepare_folder(out, force)
     network = classification_network(state, report.arch, len(names))
+    prepare_folder(out, force)
     atomic_torch_save(network.state_dict(), out / "models" / "model.pt")
     write_json(out / "configs" / "metadata.json", metadata(spec))
     write_json(out / "configs" / "inference.json", inference_config(spec))
