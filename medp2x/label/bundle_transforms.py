@@ -11,10 +11,10 @@ What an encoder pretrained by medp2x saw, and so what the bundle shows it:
   the closest canonical RAS+ orientation and the slice is shown anterior-up, as medp2x's NIfTI
   reader shows slices); a multi-frame DICOM (cine, ultrasound clip) gives its middle frame; a
   2D DICOM, PNG, JPEG, TIFF or BMP is used as is.
-- **Intensities in [0, 1]** the way medp2x's readers map them: integer image files are divided
-  by their type's maximum (255 for 8 bit); DICOM and NIfTI values, which have no fixed range,
-  are mapped linearly between two percentiles of the whole file (DICOM 0.5 / 99.5, NIfTI 1 /
-  99: the readers' defaults) and clipped.
+- **Intensities in [0, 1]** the way medp2x's readers map them: 8-bit data (any format) and
+  integer image files are divided by their type's maximum (255 for 8 bit); other DICOM and
+  NIfTI values, which have no fixed range, are mapped linearly between two percentiles of the
+  whole file (DICOM 0.5 / 99.5, NIfTI 1 / 99: the readers' defaults) and clipped.
 - **Channels**: ``gray`` bundles turn colour into ITU-R 601 luma, ``rgb`` bundles keep colour;
   both then give the network three channels (gray repeated), as an ImageNet stem expects. An
   alpha channel is dropped.
