@@ -576,10 +576,10 @@ def build_run(
     """
     from medp2x.methods import build_method
     from medp2x.optim import build_optimizer
-    from medp2x.views import build_views, source_size_for
+    from medp2x.views import build_views
 
     torch.manual_seed(cfg.seed)  # the same on every rank: heads' init, Ignite's data seed
-    world, rank = idist.get_world_size(), idist.get_rank()
+    rank = idist.get_rank()
     recipe = resolve_recipe(cfg)
     encoder, report = first_stage_encoder(cfg, recipe.arch, encoder)
     channels = first_conv_channels(encoder)
@@ -603,23 +603,7 @@ def build_run(
         overrides=cfg.view_options,
     )
 
-    # An epoch of epoch_length samples from repeated shuffled passes, this rank's share; the
-    # loader is plain torch (idist.auto_dataloader would divide batch_size by the world size,
-    # but batch_size is per process).
-    batch_size, epochs = recipe.batch_size, recipe.epochs
-    plan = plan_epochs(len(cfg.dataset), batch_size * world, epochs, resolve_epoch_length(cfg))
-    sampler = PassSampler(len(cfg.dataset), plan.samples_per_epoch, world, rank, cfg.seed)
-    source_size = source_size_for(recipe, cfg.source_size)
-    loader = DataLoader(
-        cfg.dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=True,
-        num_workers=cfg.num_workers,
-        collate_fn=collate_images(source_size, channels),
-        persistent_workers=cfg.num_workers > 0,
-        pin_memory=device.type == "cuda",
-    )
+    plan, sampler, loader = epoch_loader(cfg, recipe, channels, device)
     optim, scheduler = (optimizer or build_optimizer)(
         ssl, recipe, plan.global_batch_size, plan.iterations_per_epoch
     )
@@ -629,17 +613,6 @@ def build_run(
         "in_channels": channels,
         "normalization": normalization,
         "method": cfg.method,
-    }
-    settings = {
-        "method": cfg.method,
-        "arch": recipe.arch,
-        "image_size": recipe.views.large_size,
-        "source_size": source_size,
-        "global_batch_size": plan.global_batch_size,
-        "epochs": epochs,
-        "samples_per_epoch": plan.samples_per_epoch,
-        "iterations_per_epoch": plan.iterations_per_epoch,
-        "seed": cfg.seed,
     }
     return PretrainRun(
         cfg=cfg,
@@ -658,9 +631,53 @@ def build_run(
         optimizer=optim,
         scheduler=scheduler,
         meta=meta,
-        settings=settings,
+        settings=resumable_settings(cfg, recipe, plan),
         rank=rank,
     )
+
+
+def epoch_loader(
+    cfg: PretrainConfig, recipe: Any, channels: int, device: torch.device
+) -> tuple[EpochPlan, PassSampler, DataLoader]:
+    """An epoch of ``epoch_length`` samples from repeated shuffled passes, this rank's share.
+    The loader is plain torch (``idist.auto_dataloader`` would divide ``batch_size`` by the
+    world size, but ``batch_size`` is per process)."""
+    from medp2x.views import source_size_for
+
+    world, rank = idist.get_world_size(), idist.get_rank()
+    batch_size = recipe.batch_size
+    plan = plan_epochs(
+        len(cfg.dataset), batch_size * world, recipe.epochs, resolve_epoch_length(cfg)
+    )
+    sampler = PassSampler(len(cfg.dataset), plan.samples_per_epoch, world, rank, cfg.seed)
+    loader = DataLoader(
+        cfg.dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.num_workers,
+        collate_fn=collate_images(source_size_for(recipe, cfg.source_size), channels),
+        persistent_workers=cfg.num_workers > 0,
+        pin_memory=device.type == "cuda",
+    )
+    return plan, sampler, loader
+
+
+def resumable_settings(cfg: PretrainConfig, recipe: Any, plan: EpochPlan) -> dict:
+    """What must match for a checkpoint to be resumed (``check_resumable``)."""
+    from medp2x.views import source_size_for
+
+    return {
+        "method": cfg.method,
+        "arch": recipe.arch,
+        "image_size": recipe.views.large_size,
+        "source_size": source_size_for(recipe, cfg.source_size),
+        "global_batch_size": plan.global_batch_size,
+        "epochs": recipe.epochs,
+        "samples_per_epoch": plan.samples_per_epoch,
+        "iterations_per_epoch": plan.iterations_per_epoch,
+        "seed": cfg.seed,
+    }
 
 
 def create_trainer(run: PretrainRun) -> PretrainEngine:
