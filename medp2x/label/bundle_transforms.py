@@ -11,10 +11,11 @@ What an encoder pretrained by medp2x saw, and so what the bundle shows it:
   the closest canonical RAS+ orientation and the slice is shown anterior-up, as medp2x's NIfTI
   reader shows slices); a multi-frame DICOM (cine, ultrasound clip) gives its middle frame; a
   2D DICOM, PNG, JPEG, TIFF or BMP is used as is.
-- **Intensities in [0, 1]** the way medp2x's readers map them: 8-bit data (any format) and
-  integer image files are divided by their type's maximum (255 for 8 bit); other DICOM and
-  NIfTI values, which have no fixed range, are mapped linearly between two percentiles of the
-  whole file (DICOM 0.5 / 99.5, NIfTI 1 / 99: the readers' defaults) and clipped.
+- **Intensities in [0, 1]** the way medp2x's readers map them: integer image files are divided
+  by their type's maximum (255 for 8 bit); a gray DICOM frame goes through the file's VOI LUT
+  or window, else between the frame's 0.5 and 99.5 percentiles, and MONOCHROME1 is inverted
+  (bone bright); colour DICOM by its bit depth; a NIfTI volume between its 1 and 99
+  percentiles. Values are clipped.
 - **Channels**: ``gray`` bundles turn colour into ITU-R 601 luma, ``rgb`` bundles keep colour;
   both then give the network three channels (gray repeated), as an ImageNet stem expects. An
   alpha channel is dropped.
@@ -39,6 +40,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SUPPORTED_SUFFIXES = IMAGE_SUFFIXES + DICOM_SUFFIXES + NIFTI_SUFFIXES
 PERCENTILES = {"dicom": (0.5, 99.5), "nifti": (1.0, 99.0)}
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
+YBR_FULL = ("YBR_FULL", "YBR_FULL_422")  # JPEG 2000 decoders return ICT/RCT data as RGB
 
 
 def readers() -> list:
@@ -87,30 +89,26 @@ class P2XImaged(MapTransform):
         source = str(meta.get("filename_or_obj", "") or "")
         kind = file_kind(source) if source else "image"
         array = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
-        unit = to_unit_range(array, kind)
-        plane = to_plane(unit, kind, source or "<image>")
+        if kind == "dicom":  # the middle frame by the file's own display rules, as medp2x
+            plane = render_dicom(source)
+        else:
+            plane = to_plane(to_unit_range(array, kind), kind, source or "<image>")
         rgb = to_three_channels(plane, self.channels, source or "<image>")
         return MetaTensor(rgb.contiguous(), meta={"filename_or_obj": source})
 
 
 def to_unit_range(array: torch.Tensor, kind: str) -> torch.Tensor:
-    """Values in [0, 1], float32, over the whole file: 8-bit data and integer image files by
-    their type's maximum; other DICOM and NIfTI data between the file's percentiles (a constant
-    image gives zeros); float image files clipped."""
-    if array.dtype == torch.uint8 or (kind == "image" and not array.is_floating_point()):
+    """Values in [0, 1], float32, for an image file (integers by their type's maximum, floats
+    clipped) or a whole NIfTI volume (between its 1 and 99 percentiles)."""
+    if kind == "image":
+        if array.is_floating_point():  # a float TIFF: assumed to be in [0, 1] already
+            return array.float().clamp(0.0, 1.0)
         top = 1.0 if array.dtype == torch.bool else float(torch.iinfo(array.dtype).max)
         return (array.float() / top).clamp_(0.0, 1.0)
-    values = array.double()
-    if kind == "image":  # a float TIFF: assumed to be in [0, 1] already
-        return values.float().clamp_(0.0, 1.0)
-    finite = values[torch.isfinite(values)]
-    if finite.numel() == 0:
-        return torch.zeros_like(values, dtype=torch.float32)
-    lo, hi = np.percentile(finite.numpy(), PERCENTILES[kind])
-    if not hi > lo:
-        return torch.zeros_like(values, dtype=torch.float32)
-    scaled = ((values - lo) / (hi - lo)).nan_to_num_(0.0)
-    return scaled.clamp_(0.0, 1.0).float()
+    values = array.double().numpy()
+    finite = values[np.isfinite(values)]
+    lo, hi = np.percentile(finite, PERCENTILES[kind]) if finite.size else (0.0, 0.0)
+    return torch.from_numpy(_unit(values, lo, hi))
 
 
 def to_plane(array: torch.Tensor, kind: str, source: str) -> torch.Tensor:
@@ -135,6 +133,76 @@ def to_plane(array: torch.Tensor, kind: str, source: str) -> torch.Tensor:
     raise ValueError(
         f"{source}: cannot read a 2D image from an array of shape {tuple(array.shape)}"
     )
+
+
+def render_dicom(source: str) -> torch.Tensor:
+    """The middle frame of a DICOM file on [0, 1], C x H x W, rendered as medp2x's DICOM reader
+    renders it: colour (and PALETTE COLOR through its LUT) by bit depth; gray through the
+    modality LUT (rescale), then the file's VOI LUT or window when it has one, else between the
+    frame's 0.5 and 99.5 percentiles, inverted for MONOCHROME1 (or a Presentation LUT Shape of
+    INVERSE) so that bone is always bright. Decoded with pydicom here rather than taken from
+    MONAI's reader, which rescales some files and not others. (Not reproduced: Pixel Padding
+    Value masking and the per-frame groups of enhanced multi-frame files.)"""
+    import pydicom
+
+    try:
+        from pydicom.pixels import apply_color_lut, apply_modality_lut  # pydicom >= 3
+    except ImportError:  # pydicom 2 (MONAI Label's pin)
+        from pydicom.pixel_data_handlers.util import apply_color_lut, apply_modality_lut
+    header = pydicom.dcmread(source, force=True)
+    frames = int(header.get("NumberOfFrames", 1) or 1)
+    raw = header.pixel_array
+    raw = raw[frames // 2] if frames > 1 else raw
+    photometric = str(header.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    if raw.ndim == 3 and photometric in YBR_FULL and pydicom.__version__.startswith("2."):
+        from pydicom.pixel_data_handlers.util import convert_color_space
+
+        raw = convert_color_space(raw, photometric, "RGB")  # pydicom 3 does this in pixel_array
+    if raw.ndim == 3:
+        full_scale = 2 ** int(header.get("BitsStored", 8) or 8) - 1
+        return torch.from_numpy(_unit(raw, 0.0, float(full_scale))).permute(2, 0, 1)
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(raw, header)
+        full_scale = 255 if rgb.dtype == np.uint8 else 65535
+        return torch.from_numpy(_unit(rgb, 0.0, float(full_scale))).permute(2, 0, 1)
+    values = np.asarray(apply_modality_lut(raw, header), dtype=np.float64)
+    image = _voi(values, header)
+    if image is None:
+        finite = values[np.isfinite(values)]
+        lo, hi = np.percentile(finite, PERCENTILES["dicom"]) if finite.size else (0.0, 0.0)
+        image = _unit(values, lo, hi)
+    shape = str(header.get("PresentationLUTShape", "")).strip().upper()
+    if photometric == "MONOCHROME1" or (photometric == "MONOCHROME2" and shape == "INVERSE"):
+        image = 1.0 - image
+    return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).unsqueeze(0)
+
+
+def _voi(values: np.ndarray, header: Any) -> np.ndarray | None:
+    """The file's VOI LUT (preferred) or first window on [0, 1]; None if it has neither."""
+    try:
+        from pydicom.pixels import apply_voi, apply_windowing  # pydicom >= 3
+    except ImportError:  # pydicom 2 (MONAI Label's pin)
+        from pydicom.pixel_data_handlers.util import apply_voi, apply_windowing
+    try:
+        if header.get("VOILUTSequence"):
+            entries, first, _ = (int(v) for v in header.VOILUTSequence[0].LUTDescriptor)
+            lut = apply_voi(np.arange(first, first + (entries or 65536)), header)
+            out = apply_voi(np.rint(values).astype(np.int64), header)
+            return _unit(out, float(lut.min()), float(lut.max()))
+        if "WindowCenter" in header and "WindowWidth" in header:
+            out = apply_windowing(values, header)
+            lo, hi = apply_windowing(np.array([-np.inf, np.inf]), header)
+            return _unit(out, float(lo), float(hi))
+    except (ValueError, NotImplementedError, TypeError, IndexError, AttributeError):
+        pass  # an unusable VOI: the percentile window instead
+    return None
+
+
+def _unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if not hi > lo:
+        return np.zeros(values.shape, dtype=np.float32)
+    scaled = np.nan_to_num((values.astype(np.float64) - lo) / (hi - lo), nan=0.0)
+    return np.clip(scaled, 0.0, 1.0).astype(np.float32)
 
 
 def to_three_channels(image: torch.Tensor, channels: str, source: str) -> torch.Tensor:
