@@ -668,9 +668,10 @@ The head is zero until fine-tuned: an unfine-tuned bundle scores every class 1/{
 
 One 2D {spec.channels} image per file: PNG, JPEG, TIFF, BMP, DICOM (a multi-frame file gives
 its middle frame) or NIfTI (the middle axial slice of the volume in RAS+ orientation, anterior
-up). Intensities go to [0, 1] as medp2x's readers map them (8-bit data and integer image files
-by their type's maximum; other DICOM data between the file's 0.5 and 99.5 percentiles, NIfTI
-between 1 and 99), the shorter side
+up). Intensities go to [0, 1] as medp2x's readers map them (integer image files by their type's
+maximum; DICOM through its modality LUT and its VOI LUT or window, else the frame's 0.5-99.5
+percentile window, MONOCHROME1 inverted; NIfTI between the volume's 1 and 99 percentiles), the
+shorter side
 is resized to {spec.image_size} px and the centre {spec.image_size} x {spec.image_size} cropped,
 then {"normalised with mean " + str(spec.normalization["mean"]) + ", std " + str(spec.normalization["std"]) if spec.normalization else "left in [0, 1] (no mean/std)"}.
 The code is in `scripts/{SCRIPT_MODULE}.py`.
