@@ -161,7 +161,9 @@ def _dicom(path: Path, rows=32, cols=32, bits=16, pixels: bytes | None = None, p
     if phi:
         ds.PatientName = f"{CANARY}^JANE"
         ds.PatientID = f"{CANARY}123"
-        ds.add_new(0x00100030, "DA", f"{CANARY}")  # invalid date: pydicom would quote it
+        with warnings.catch_warnings():  # writing it, pydicom warns quoting the value
+            warnings.simplefilter("ignore")
+            ds.add_new(0x00100030, "DA", f"{CANARY}")  # invalid date: pydicom would quote it
         ds.InstitutionName = f"{CANARY} HOSPITAL"
         ds.AccessionNumber = f"{CANARY}42"
     for key, value in extra.items():
@@ -710,6 +712,27 @@ class Blobs:
         return {"image": self.images[i], "label": -1, "meta": {"index": i}}
 
 
+def widen_checkpoint_writes(torch) -> None:
+    """Make each checkpoint write take about half a second (1 MiB at a time, 5 ms apart), so
+    that a kill lands inside one reliably: the window a real save on a slow disk has."""
+    import io
+
+    real_save = torch.save
+
+    def slow_save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)):
+            return real_save(obj, f, *args, **kwargs)
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        for start in range(0, len(data), 1 << 20):
+            f.write(data[start : start + (1 << 20)])
+            f.flush()
+            time.sleep(0.005)
+
+    torch.save = slow_save
+
+
 def pretrain_child(kind: str, data: str, out: str) -> None:
     """Child: one tiny pretraining run (``kind``: blobs | folder | dicom), skip mode."""
     sys.path.insert(0, str(REPO))
@@ -719,7 +742,9 @@ def pretrain_child(kind: str, data: str, out: str) -> None:
 
     torch.set_num_threads(1)
     if kind == "blobs":
-        dataset, epochs, every = Blobs(), 4, 1
+        dataset, epochs, every = Blobs(), 12, 1
+        if os.environ.get("STRESS_SLOW_SAVE"):
+            widen_checkpoint_writes(torch)
     elif kind == "folder":
         from medp2x.data.folder import ImageFolderDataset
 
@@ -800,17 +825,21 @@ def run_skip_pretraining(
 def run_kills(work: Path, rows: list[Row], outputs: list[Path], kills: int, seed: int) -> None:
     import torch
 
-    row = Row(f"kill -9 during pretraining ({kills} kills, half in checkpoint writes)")
+    row = Row(
+        f"kill -9 during pretraining ({kills} kills at random points, in checkpoint writes too)"
+    )
     rng = random.Random(seed)
     reference, killed = work / "uninterrupted", work / "killed"
     log = work / "kills.log"
     outputs += [log, reference, killed]
     child(["--pretrain", "blobs", "", str(reference)], log).wait()
     checkpoints = killed / "checkpoints"
+    writes = 0
+    slow_env = {**os.environ, "STRESS_SLOW_SAVE": "1"}  # same bytes, written slowly
     for k in range(kills):
         row.tried += 1
         before = {p.name for p in checkpoints.glob("*.pt")} if checkpoints.exists() else set()
-        process = child(["--pretrain", "blobs", "", str(killed)], log)
+        process = child(["--pretrain", "blobs", "", str(killed)], log, env=slow_env)
         in_write = k % 2 == 1
         deadline = time.monotonic() + 300
         while process.poll() is None and time.monotonic() < deadline:
@@ -826,13 +855,16 @@ def run_kills(work: Path, rows: list[Row], outputs: list[Path], kills: int, seed
                 f"kill {k + 1}: the session ended before it was killed (exit {process.returncode})"
             )
             if process.returncode != 0:
-                row.lost += 1
+                row.lost += 1  # a session that could not resume
             else:
-                row.handled += 1
+                row.tried -= 1  # the run finished first: not a kill
             continue
         process.kill()
         process.wait()
+        # a temporary file left behind: the kill landed inside a checkpoint write
+        writes += any(n.startswith("tmp") for n in os.listdir(checkpoints))
         row.handled += 1
+    row.notes.append(f"{writes} of {kills} kills landed while a checkpoint was being written")
     final = child(["--pretrain", "blobs", "", str(killed)], log).wait()
     same = False
     if final == 0 and (killed / "encoder.pt").exists():
@@ -1026,6 +1058,9 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one file per fault class, 2 kills")
+    parser.add_argument(
+        "--parts", default="files,scan,skip,kills,checkpoints", help="parts to run, comma-separated"
+    )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--pretrain", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", nargs=3, help=argparse.SUPPRESS)
@@ -1049,15 +1084,21 @@ def main() -> int:
         warnings.simplefilter("ignore")
         faults = generate_bad_files(work / "files", quick=args.quick)
     print(f"generated {len(faults)} bad files in {work / 'files'}", flush=True)
-    run_bad_files(work, faults, rows, outputs)
-    print("bad files read", flush=True)
-    run_scan_cli(work, faults, rows, outputs)
-    print("scans done", flush=True)
-    run_skip_pretraining(work, faults, rows, outputs)
-    print("skip-mode runs done", flush=True)
-    run_kills(work, rows, outputs, 2 if args.quick else args.kills, args.seed)
-    print("kills done", flush=True)
-    run_malicious(work, rows, outputs)
+    parts = set(args.parts.split(","))
+    if "files" in parts:
+        run_bad_files(work, faults, rows, outputs)
+        print("bad files read", flush=True)
+    if "scan" in parts:
+        run_scan_cli(work, faults, rows, outputs)
+        print("scans done", flush=True)
+    if "skip" in parts:
+        run_skip_pretraining(work, faults, rows, outputs)
+        print("skip-mode runs done", flush=True)
+    if "kills" in parts:
+        run_kills(work, rows, outputs, 2 if args.quick else args.kills, args.seed)
+        print("kills done", flush=True)
+    if "checkpoints" in parts:
+        run_malicious(work, rows, outputs)
     searched, leaked, names = count_leaks(outputs)
     canary = Row(
         "PHI canary in every output (stdout, stderr, every file written)",
