@@ -96,16 +96,38 @@ def gray_variant(aug: ViewAugment) -> ViewAugment:
     return replace(aug, saturation=0.0, hue=0.0, gray_p=0.0, gamma=aug.saturation)
 
 
+def with_color_strength(aug: ViewAugment, strength: float) -> ViewAugment:
+    """``aug`` with its brightness, contrast, saturation and hue jitter times ``strength``
+    (SimCLR's colour-distortion strength s; its small-image setting is s = 0.5, App. B.9)."""
+    if strength < 0:
+        raise ValueError(f"color_strength must be >= 0, not {strength}")
+    return replace(
+        aug,
+        brightness=aug.brightness * strength,
+        contrast=aug.contrast * strength,
+        saturation=aug.saturation * strength,
+        hue=aug.hue * strength,
+    )
+
+
 def view_augments(
-    method: str, modality: str, n_large: int, n_small: int, overrides: Mapping[str, Any] | None
+    method: str,
+    modality: str,
+    n_large: int,
+    n_small: int,
+    overrides: Mapping[str, Any] | None,
+    color_strength: float = 1.0,
 ) -> list[ViewAugment]:
-    """The recipe of every view, large crops first, with ``overrides`` applied to all."""
+    """The recipe of every view, large crops first, its colour jitter scaled by
+    ``color_strength``, then ``overrides`` applied to all (an explicit value wins)."""
     if method not in RECIPES:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RECIPES)}")
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
     recipe = RECIPES[method]
     augs = [recipe.large[i % len(recipe.large)] for i in range(n_large)] + [recipe.small] * n_small
+    if color_strength != 1.0:
+        augs = [with_color_strength(a, color_strength) for a in augs]
     if modality == "gray":
         augs = [gray_variant(a) for a in augs]
     if overrides:
@@ -555,7 +577,10 @@ def build_views(
     (a ViewSpec: n_large crops of large_size, n_small of small_size, crop area scales).
     ``overrides`` replaces ViewAugment fields in every view, e.g. ``{"flip_p": 0.0}``."""
     recipe = RECIPES.get(method)
-    augs = view_augments(method, modality, int(spec.n_large), int(spec.n_small), overrides)
+    strength = float(getattr(spec, "color_strength", 1.0))
+    augs = view_augments(
+        method, modality, int(spec.n_large), int(spec.n_small), overrides, strength
+    )
     large_scale = tuple(getattr(spec, "large_scale", None) or recipe.large_scale)
     small_scale = tuple(getattr(spec, "small_scale", None) or recipe.small_scale)
     sizes = [spec.large_size] * spec.n_large + [spec.small_size] * spec.n_small

@@ -285,6 +285,24 @@ def test_overrides_apply_to_every_view_and_bad_inputs_raise():
         build_views("simclr", "rgb", ViewSpec(large_size=8))(torch.rand(3, 8, 8))
 
 
+def test_color_strength_scales_the_published_jitter_and_an_override_still_wins():
+    """SimCLR's s: ColorJitter(0.8s, 0.8s, 0.8s, 0.2s); s = 0.5 is its small-image setting and
+    lightly's ``cj_strength=0.5``; other fields (probabilities, blur) are left alone."""
+    half = build_views("simclr", "rgb", ViewSpec(color_strength=0.5)).views
+    assert all(
+        (a.brightness, a.contrast, a.saturation, a.hue) == pytest.approx((0.4, 0.4, 0.4, 0.1))
+        for a in half
+    )
+    assert all(a.jitter_p == 0.8 and a.gray_p == 0.2 for a in half)
+    gray = build_views("simclr", "gray", ViewSpec(color_strength=0.5)).views
+    assert all(a.gamma == pytest.approx(0.4) and a.saturation == 0 for a in gray)
+    byol = build_views("byol", "rgb", ViewSpec(color_strength=0.5), overrides={"hue": 0.3})
+    assert byol.views[0].brightness == pytest.approx(0.2) and byol.views[0].hue == 0.3
+    assert build_views("simclr", "rgb", ViewSpec()).views[0].brightness == 0.8
+    with pytest.raises(ValueError, match="color_strength"):
+        build_views("simclr", "rgb", ViewSpec(color_strength=-1.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Batches of differently shaped images (issue #14, item 2): each row crops within its own image.
 

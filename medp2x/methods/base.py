@@ -34,6 +34,9 @@ class ViewSpec:
     small_size: int = 96
     large_scale: tuple[float, float] = (0.08, 1.0)
     small_scale: tuple[float, float] = (0.05, 0.14)
+    # SimCLR's colour-distortion strength s (Chen et al. 2020, App. A): scales brightness,
+    # contrast, saturation and hue jitter of the method's published recipe (1.0: as published).
+    color_strength: float = 1.0
 
     def __post_init__(self) -> None:  # JSON configs give lists
         self.large_scale = tuple(self.large_scale)

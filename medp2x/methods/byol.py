@@ -57,7 +57,7 @@ def recipe(profile: str) -> BYOLRecipe:
         # of a few hundred steps; narrower heads for ResNet-18.
         r = BYOLRecipe(
             method="byol", profile="tiny", arch="resnet18", image_size=64,
-            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
+            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.12,  # lightly's 0.06 / 128
             weight_decay=5e-4, warmup_epochs=0,
             views=ViewSpec(n_large=2, large_size=64, large_scale=(0.08, 1.0)),
             tau_base=0.99, proj_hidden_dim=1024, proj_out_dim=128, pred_hidden_dim=1024,

@@ -78,7 +78,7 @@ def recipe(profile: str) -> MoCoRecipe:
         # (m = 0.99, as lightly's small-scale MoCo benchmarks) for runs of a few hundred steps.
         r = MoCoRecipe(
             method="moco", profile="tiny", arch="resnet18", image_size=64,
-            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
+            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.12,  # lightly's 0.06 / 128
             weight_decay=5e-4, warmup_epochs=0,
             views=ViewSpec(n_large=2, large_size=64, large_scale=(0.2, 1.0)),
             temperature=0.2, queue_length=1024, key_momentum=0.99, proj_out_dim=64,

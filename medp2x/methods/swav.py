@@ -78,13 +78,15 @@ def recipe(profile: str) -> SwAVRecipe:
         )  # fmt: skip
     else:
         # Few prototypes for a batch of 32; prototypes frozen for 20 iterations; a short queue
-        # from the second epoch (start it late: lightly #736/#1006, swav #37/#69).
+        # from the second epoch (start it late: lightly #736/#1006, swav #37/#69). SwAV's views
+        # are SimCLR's: colour strength 0.5 on small images, as SimCLR's tiny recipe.
         r = SwAVRecipe(
             method="swav", profile="tiny", arch="resnet18", image_size=64,
             batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
             weight_decay=5e-4, warmup_epochs=0,
             views=ViewSpec(n_large=2, large_size=64, n_small=2, small_size=32,
-                           large_scale=(0.14, 1.0), small_scale=(0.05, 0.14)),
+                           large_scale=(0.14, 1.0), small_scale=(0.05, 0.14),
+                           color_strength=0.5),
             n_prototypes=64, proj_hidden_dim=512, proj_out_dim=64,
             freeze_prototypes_iters=20, queue_length=256, queue_start_epoch=1,
         )  # fmt: skip
