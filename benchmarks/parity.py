@@ -137,7 +137,8 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="[METHOD.]NAME=VALUE",
-        help="medp2x recipe override, e.g. moco.symmetric=true (lightly's MoCo is symmetric)",
+        help="medp2x recipe override, e.g. moco.symmetric=true (lightly's MoCo is symmetric); "
+        "[METHOD.]view.NAME=VALUE sets an augmentation strength, e.g. simclr.view.hue=0.1",
     )
     parser.add_argument(
         "--reuse",
@@ -254,7 +255,10 @@ def machine() -> str:
 
 
 def run_spec(method: str, implementation: str, s: Settings, args: argparse.Namespace) -> dict:
-    options = method_options(method, args.medp2x_option)
+    recipe_pairs = [o for o in args.medp2x_option if not is_view_option(o)]
+    view_pairs = [o.replace("view.", "", 1) for o in args.medp2x_option if is_view_option(o)]
+    options = method_options(method, recipe_pairs)
+    view_options = method_options(method, view_pairs)
     if method == "swav" and s.amp:
         options["views"] = {**options.get("views", {}), "small_size": s.small_size}
     return {
@@ -274,7 +278,15 @@ def run_spec(method: str, implementation: str, s: Settings, args: argparse.Names
         "threads": s.threads,
         "checkpoint_every": s.checkpoint_every,
         "medp2x_options": options if implementation == "medp2x" else {},
+        "medp2x_view_options": view_options if implementation == "medp2x" else {},
     }
+
+
+def is_view_option(pair: str) -> bool:
+    """``[METHOD.]view.NAME=VALUE`` sets an augmentation strength (``medp2x.views.ViewAugment``)
+    rather than a recipe field."""
+    name = pair.partition("=")[0].split(".")
+    return len(name) > 1 and name[-2] == "view"
 
 
 def pretrain_all(s: Settings, args: argparse.Namespace, runs_root: Path) -> dict:
@@ -370,6 +382,46 @@ def score(encoder: nn.Module, probe: Probe, settings: EvalSettings, recompute_bn
     }
 
 
+class ScoreCache:
+    """Scores already computed, in ``scores.json`` beside the run folders: a re-run with
+    ``--reuse`` (one more method, a changed report) re-scores nothing it has scored. An entry
+    is keyed by the probe's settings and by what was scored (an encoder file's path, size and
+    modification time; a reference's name and seed)."""
+
+    def __init__(self, path: Path, probe_key: dict):
+        self.path = path
+        self.probe_key = probe_key
+        self.entries = json.loads(path.read_text()) if path.exists() else {}
+
+    def score(self, what: dict, compute) -> dict:
+        if "file" in what:
+            stat = Path(what["file"]).stat()
+            what = {**what, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        key = json.dumps({**self.probe_key, **what}, sort_keys=True)
+        if key not in self.entries:
+            scores = compute()
+            # merged with what another run scored meanwhile (runs of other methods may share it)
+            self.entries = json.loads(self.path.read_text()) if self.path.exists() else {}
+            self.entries[key] = scores
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.entries, indent=1))
+            tmp.replace(self.path)
+        return self.entries[key]
+
+
+def probe_key(args: argparse.Namespace, per_class: int | None) -> dict:
+    """Everything that decides a probe's score besides the encoder."""
+    return {
+        "eval_data": str(Path(args.eval_data).resolve()),
+        "eval_size": args.eval_size,
+        "test_fraction": args.test_fraction,
+        "split_seed": args.seed,
+        "per_class": per_class,
+        "medp2x": MEDP2X_VERSION,
+    }
+
+
 def load(path: str | Path) -> nn.Module:
     """A pretrained encoder file of either implementation (both train on ImageNet-normalised
     inputs; lightly's are plain torchvision state dicts, read with weights_only=True)."""
@@ -377,21 +429,36 @@ def load(path: str | Path) -> nn.Module:
 
 
 def evaluate_all(
-    results: dict, s: Settings, probe: Probe, settings: EvalSettings, args: argparse.Namespace
+    results: dict,
+    s: Settings,
+    probe: Probe,
+    settings: EvalSettings,
+    args: argparse.Namespace,
+    cache: ScoreCache,
 ) -> list[dict]:
     rows = []
-    saved = args.bn_stats == "saved"
+    recompute = args.bn_stats == "recomputed"
     for (method, implementation), r in results.items():
         print(f"evaluating {method} / {implementation}", flush=True)
-        scores = score(load(r["encoder"]), probe, settings, recompute_bn=not saved)
+        scores = cache.score(
+            {"file": r["encoder"], "bn": args.bn_stats},
+            lambda r=r: score(load(r["encoder"]), probe, settings, recompute_bn=recompute),
+        )
         rows += table_rows(method, implementation, scores, s, r, args.bn_stats)
-    for seed in range(RANDOM_SEEDS):
-        print(f"evaluating random init (seed {args.seed + seed})", flush=True)
-        encoder = resolve_encoder("random", "resnet18", seed=args.seed + seed)
-        scores = score(encoder, probe, settings, recompute_bn=True)
-        rows += table_rows("random_init", "random", scores, s, None, "recomputed", args.seed + seed)
+    for seed in range(args.seed, args.seed + RANDOM_SEEDS):
+        print(f"evaluating random init (seed {seed})", flush=True)
+        scores = cache.score(
+            {"reference": "random_resnet18", "seed": seed},
+            lambda seed=seed: score(
+                resolve_encoder("random", "resnet18", seed=seed), probe, settings, True
+            ),
+        )
+        rows += table_rows("random_init", "random", scores, s, None, "recomputed", seed)
     print("evaluating the colour histogram", flush=True)
-    scores = score(build_baseline("colour_histogram"), probe, settings, recompute_bn=False)
+    scores = cache.score(
+        {"reference": "colour_histogram"},
+        lambda: score(build_baseline("colour_histogram"), probe, settings, recompute_bn=False),
+    )
     rows += table_rows("colour_histogram", "colour_histogram", scores, s, None, "none")
     return rows
 
@@ -659,7 +726,12 @@ def plot_bars(rows: list[dict], methods: list[str], path: Path, title: str) -> N
 
 
 def curve_rows(
-    results: dict, s: Settings, probe: Probe, settings: EvalSettings, bn_stats: str
+    results: dict,
+    s: Settings,
+    probe: Probe,
+    settings: EvalSettings,
+    bn_stats: str,
+    cache: ScoreCache,
 ) -> list[dict]:
     """Linear-probe (and kNN) accuracy of the checkpoints on the curve's grid, both sides."""
     rows = []
@@ -669,7 +741,10 @@ def curve_rows(
         grid[s.iterations] = r["encoder"]  # the end of the run: its encoder file
         for iteration, path in sorted(grid.items()):
             print(f"curve: {method} / {implementation} at iteration {iteration}", flush=True)
-            scores = score(load(path), probe, settings, recompute_bn=bn_stats == "recomputed")
+            scores = cache.score(
+                {"file": path, "bn": bn_stats},
+                lambda path=path: score(load(path), probe, settings, bn_stats == "recomputed"),
+            )
             for row in table_rows(method, implementation, scores, s, r, bn_stats):
                 rows.append({**row, "iterations": iteration})
     return rows
@@ -716,10 +791,12 @@ def main() -> None:
     runs_root = out / "runs" / stem
     results = pretrain_all(s, args, runs_root)
 
-    probe = probe_splits(args, BUDGETS[s.budget].eval_per_class)
+    per_class = BUDGETS[s.budget].eval_per_class
+    probe = probe_splits(args, per_class)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = EvalSettings(image_size=args.eval_size, device=device, progress=False)
-    rows = evaluate_all(results, s, probe, settings, args)
+    cache = ScoreCache(out / "runs" / "scores.json", probe_key(args, per_class))
+    rows = evaluate_all(results, s, probe, settings, args, cache)
     text = report(rows, s, probe, args)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -728,7 +805,7 @@ def main() -> None:
     title = f"{s.iterations} it of batch {s.batch_size}, {s.crop_size} px, {s.dtype}"
     plot_bars(rows, args.methods, out / f"{stem}.png", f"EuroSAT probe after pretraining: {title}")
     if s.curve_points:
-        curve = curve_rows(results, s, probe, settings, args.bn_stats)
+        curve = curve_rows(results, s, probe, settings, args.bn_stats, cache)
         write_csv(curve, out / f"{stem}_curve.csv")
         plot_curve(curve, rows, out / f"{stem}_curve.png", f"EuroSAT linear probe: {title}")
 

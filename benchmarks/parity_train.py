@@ -139,7 +139,7 @@ def train_medp2x(spec: dict, out: Path) -> dict:
         checkpoint_every=spec["checkpoint_every"],
         n_saved=None if spec["checkpoint_every"] else 2,
         method_options=spec["medp2x_options"],
-        view_options={"blur_p": 0.0},
+        view_options={"blur_p": 0.0, **spec.get("medp2x_view_options", {})},
     )
     if "epoch_length" in {f.name for f in dataclasses.fields(PretrainConfig)}:
         config["epoch_length"] = per_epoch * spec["batch_size"]  # one pass, as lightly's epochs

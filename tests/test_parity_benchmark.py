@@ -93,3 +93,32 @@ def test_learning_is_measured_against_the_best_random_init():
     learning = {r["implementation"]: r for r in parity.learning_verdicts(table)}
     assert learning["medp2x"]["margin"] == pytest.approx(0.04)
     assert learning["medp2x"]["learns"] and not learning["lightly"]["learns"]
+
+
+def test_score_cache_rescores_only_what_changed(tmp_path):
+    """A --reuse run re-scores nothing it has scored: same file and probe -> cached; a
+    rewritten encoder file or another probe setting -> computed again."""
+    encoder = tmp_path / "encoder.pt"
+    encoder.write_bytes(b"weights")
+    calls = []
+
+    def compute(value):
+        calls.append(value)
+        return {"linear": value}
+
+    cache = parity.ScoreCache(tmp_path / "scores.json", {"eval_size": 64})
+    assert cache.score({"file": str(encoder)}, lambda: compute(0.5)) == {"linear": 0.5}
+    reopened = parity.ScoreCache(tmp_path / "scores.json", {"eval_size": 64})
+    assert reopened.score({"file": str(encoder)}, lambda: compute(0.9)) == {"linear": 0.5}
+    encoder.write_bytes(b"other weights")
+    assert reopened.score({"file": str(encoder)}, lambda: compute(0.7)) == {"linear": 0.7}
+    other_probe = parity.ScoreCache(tmp_path / "scores.json", {"eval_size": 32})
+    assert other_probe.score({"reference": "random", "seed": 0}, lambda: compute(0.1))
+    assert calls == [0.5, 0.7, 0.1]
+
+
+def test_view_options_go_to_the_augmentations_and_the_rest_to_the_recipe():
+    assert parity.is_view_option("simclr.view.hue=0.1")
+    assert parity.is_view_option("view.brightness=0.4")
+    assert not parity.is_view_option("simclr.base_lr=0.12")
+    assert not parity.is_view_option("views={}")
