@@ -290,6 +290,8 @@ def make_demo_first_stage(folder: Path, job: P2XJob) -> Path:
             normalization="imagenet",
             max_iterations=job.max_iterations,
             method_options=job.method_options,
+            checkpoint_every=job.checkpoint_every,  # #21: the first stage saves as the second does
+            n_saved=job.keep_checkpoints or None,
         )
     )
     print(

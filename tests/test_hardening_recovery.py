@@ -65,3 +65,24 @@ def test_no_loadable_checkpoint_starts_afresh_and_says_so(tmp_path, capsys):
     assert "checkpoint_4.pt skipped: not a run checkpoint" in out and "afresh" in out
     assert newest_loadable_checkpoint(ckpts).path is None  # both set aside, none left
     pickle.dumps(recovery.skipped)  # plain data for the run's record
+
+
+def test_demo_first_stage_honours_checkpoint_every_and_keep_checkpoints(tmp_path, monkeypatch):
+    """#21: the stand-in first stage saved only at the end of its epochs, whatever the job's
+    checkpoint_every, and kept the default 2 whatever keep_checkpoints said."""
+    from types import SimpleNamespace
+
+    import medp2x.engine
+    from medp2x.pipeline import P2XJob, make_demo_first_stage
+
+    given = {}
+
+    def fake_pretrain(cfg):  # the wiring is what is tested: no training
+        given["cfg"] = cfg
+        return SimpleNamespace(iterations=0, first_loss=0.0, last_loss=0.0, encoder_path="e.pt")
+
+    monkeypatch.setattr(medp2x.engine, "pretrain", fake_pretrain)
+    job = P2XJob(name="t", make_dataset=None, output_dir=str(tmp_path), checkpoint_every=7,
+                 keep_checkpoints=0)  # fmt: skip
+    make_demo_first_stage(tmp_path / "stage1", job)
+    assert given["cfg"].checkpoint_every == 7 and given["cfg"].n_saved is None  # 0: keep all
