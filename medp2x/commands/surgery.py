@@ -5,6 +5,12 @@ Reads any checkpoint format medp2x understands, applies the weight surgery of Ci
 as a torchvision-layout ``state_dict`` (``torch.save``, written atomically) with a ``OUT.json``
 sidecar naming the input normalisation the weights expect, which ``read_checkpoint`` reads back.
 
+Tensors surgery does not transform (a torchvision classifier's ``fc``, a SwAV projection head
+and prototypes) are written unchanged beside the backbone, under the file's own names less a
+uniform ``module.`` prefix; ``--backbone-only`` drops them. Entries of files that nest another
+network (MoCo's momentum encoder, BYOL's target network, SimCLRv2's head) have no place in a
+torchvision-layout file and are dropped, with a line saying how many.
+
 Examples::
 
     medp2x surgery simclr_r50.pth simclr_r50_p2x.pth
@@ -52,6 +58,12 @@ def register(subparsers) -> None:
         help="fold BatchNorm's eps into gamma so the eval-mode output is exactly preserved "
         "(--no-eps-exact: the paper's gamma/sqrt(s) verbatim)",
     )
+    p.add_argument(
+        "--backbone-only",
+        action="store_true",
+        help="write the backbone alone (default: tensors surgery does not touch, such as fc, "
+        "are kept unchanged)",
+    )
     p.add_argument("--csv", metavar="FILE", help="before/after statistics per layer")
     p.add_argument("--plot", metavar="PNG", help="histogram of filter norms before and after")
     add_reading_options(p)
@@ -70,6 +82,29 @@ def build_model(path: str, state_dict: dict[str, torch.Tensor], loaded) -> torch
     return encoder
 
 
+# Formats whose file is one flat state dict: what the backbone does not use keeps its meaning
+# in the written torchvision-layout file (read back, it is ignored again, and detected the same).
+FLAT_FORMATS = ("torchvision", "simclr-tonylins", "swav")
+
+
+def untouched_tensors(path: str, loaded, backbone: dict[str, torch.Tensor]) -> dict:
+    """The file's tensors that surgery leaves alone (``fc``, heads), by name, unchanged."""
+    from medp2x.checkpoints import load_file
+
+    if loaded.format not in FLAT_FORMATS:
+        return {}
+    obj = load_file(path)
+    state = obj["state_dict"] if isinstance(obj.get("state_dict"), dict) else obj
+    keys = [str(k) for k in state]
+    strip = bool(keys) and all(k.startswith("module.") for k in keys)
+    kept = {}
+    for key, value in state.items():
+        name = str(key).removeprefix("module.") if strip else str(key)
+        if name not in backbone and isinstance(value, torch.Tensor):
+            kept[name] = value.contiguous()
+    return kept
+
+
 def run(args: argparse.Namespace) -> int:
     from medp2x.checkpoints import export_state_dict, sidecar_path
     from medp2x.surgery import apply_surgery
@@ -86,7 +121,26 @@ def run(args: argparse.Namespace) -> int:
         eps_exact=args.eps_exact,
     )
     print(f"{report}\n")
-    out = export_state_dict(args.output, encoder.state_dict(), loaded)
+    written = encoder.state_dict()
+    if not args.backbone_only:
+        kept = untouched_tensors(args.input, loaded, written)
+        written.update(kept)
+        dropped = len(loaded.ignored) - len(kept)
+        print(
+            f"kept {len(kept)} tensor(s) surgery does not touch"
+            + (
+                f" ({', '.join(sorted(kept)[:4])}{', ...' if len(kept) > 4 else ''})"
+                if kept
+                else ""
+            )
+            + (
+                f"; dropped {dropped} other entr(ies) of the {loaded.format} file"
+                if dropped
+                else ""
+            )
+            + " (--backbone-only drops them all)"
+        )
+    out = export_state_dict(args.output, written, loaded)
     print(f"wrote {out} (torchvision layout) and {sidecar_path(out)} (input normalisation, origin)")
     if args.csv:
         print(f"statistics: {report.write_csv(args.csv)}")
