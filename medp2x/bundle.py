@@ -13,7 +13,10 @@ generated, never edited: ``python -m medp2x.bundle`` rewrites them; a test check
 
 from __future__ import annotations
 
+import ast
+import difflib
 import json
+import re
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,6 +26,131 @@ from torch.utils.data import Dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundles"
 SCHEDULES = ("p1x", "p2x")
+
+
+# ----------------------------------------------------------------------------- command line
+# ``monai.bundle run``'s own arguments: everything else on its command line is a config override.
+MONAI_RUN_ARGS = frozenset(
+    {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking",
+     "args_file", "workflow_type", "workflow_name", "properties_path"}
+)  # fmt: skip
+# Settings that name a file or folder: MONAI reads a value starting with @ as a reference to
+# another entry and one starting with $ as Python, so a folder called "@scans" needs "./@scans".
+PATH_SETTINGS = ("data_dir", "output_dir", "ssl_checkpoint", "eval_dir", "downstream_dir")
+ON_ERROR_CHOICES = ("skip", "raise")
+
+
+def check_command_line(argv: list[str] | None = None) -> None:
+    """First step of a bundle's ``run``: refuse, in one line and before anything is built, an
+    override MONAI would silently add to the config (``--batchsize 8``: did you mean
+    batch_size?), a file or folder name MONAI would take as a reference or expression, and an
+    ``on_error`` other than skip/raise. Does nothing outside ``python -m monai.bundle run``."""
+    from medp2x.engine import SettingError
+
+    argv = sys.argv if argv is None else argv
+    if not _is_bundle_run(argv):
+        return
+    try:
+        overrides = command_line_overrides(argv[2:])
+        check_overrides(overrides, known_ids(overrides.get("config_file")))
+    except SettingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _is_bundle_run(argv: list[str]) -> bool:
+    main = Path(argv[0]) if argv else Path()
+    return main.name == "__main__.py" and main.parent.name == "bundle" and argv[1:2] == ["run"]
+
+
+def command_line_overrides(args: list[str]) -> dict[str, str]:
+    """``--key value`` and ``--key=value`` pairs as python-fire reads them (flags without a
+    value are ``"True"``)."""
+    pairs, i = {}, 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
+                value = args[i + 1] if has_value else "True"
+                i += has_value
+            pairs[key] = value
+        i += 1
+    return pairs
+
+
+def known_ids(config_file: str | None) -> set[str] | None:
+    """Top-level ids of the bundle's config file(s) as given to ``--config_file`` (one path, or
+    a list ``"[a.json,b.json]"``); None where they cannot be read (MONAI then says why)."""
+    from monai.bundle import ConfigParser
+
+    if not config_file:
+        return None
+    text = config_file.strip()
+    files = (
+        [f.strip(" '\"") for f in text.strip("[]").split(",")] if text.startswith("[") else [text]
+    )
+    try:
+        return set(ConfigParser.load_config_files(files))
+    except Exception:  # noqa: BLE001 - a file MONAI cannot read is MONAI's error to report
+        return None
+
+
+def check_overrides(overrides: Mapping[str, str], known: set[str] | None) -> None:
+    from medp2x.engine import SettingError
+
+    for key, value in overrides.items():
+        top = key.split("#", 1)[0]
+        if known is not None and top not in known and top not in MONAI_RUN_ARGS:
+            close = difflib.get_close_matches(top, sorted(known | MONAI_RUN_ARGS), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise SettingError(
+                f"--{key}: no such setting in this bundle (MONAI would add it and change "
+                f"nothing){hint} (the settings: README.md's override table, 'Your own data')"
+            )
+        if top in PATH_SETTINGS and "#" not in key:
+            check_path_value(top, str(value), known)
+        if top == "on_error" and value not in ON_ERROR_CHOICES:
+            raise SettingError(
+                f"on_error = {value!r} is not allowed: one of {', '.join(ON_ERROR_CHOICES)}"
+            )
+
+
+def _looks_like_code(text: str) -> bool:
+    """Python that refers to a setting, calls something or holds a string: ``scans`` or
+    ``scans/2024`` parse as Python too, but are folder names."""
+    if re.search(r"@\w", text):
+        return True
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return False
+    return any(
+        isinstance(node, ast.Call)
+        or (isinstance(node, ast.Constant) and isinstance(node.value, str))
+        for node in ast.walk(tree)
+    )
+
+
+def check_path_value(name: str, value: str, known: set[str] | None) -> None:
+    """A file or folder name that MONAI would read as ``@reference`` or ``$expression``."""
+    from medp2x.engine import SettingError
+
+    if value.startswith("@"):
+        if known is not None and value[1:].split("#", 1)[0] in known:
+            return  # a genuine reference to another setting
+    elif value.startswith("$"):
+        if _looks_like_code(value[1:]):
+            return  # a genuine expression, e.g. "$'runs/' + @name" or "$os.environ['DATA']"
+    else:
+        return
+    raise SettingError(
+        f"{name} = {value!r}: MONAI reads a value starting with {value[0]!r} as "
+        f"{'a reference to another setting' if value[0] == '@' else 'a Python expression'}, "
+        f"not as a file name; for a file or folder called {value!r} write './{value}' "
+        "or its absolute path"
+    )
 
 
 # ----------------------------------------------------------------------------- declared data

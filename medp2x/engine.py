@@ -48,6 +48,89 @@ logger = logging.getLogger("medp2x.engine")
 CHECKPOINT_PREFIX = "checkpoint"
 
 
+# ----------------------------------------------------------------------------- settings
+class SettingError(ValueError):
+    """A run setting of the wrong type or range: one line naming the setting, the value given
+    and what is allowed (the bundle and the ``medp2x`` command print it without a traceback)."""
+
+
+def _allowed(name: str, value: Any, allowed: str) -> SettingError:
+    return SettingError(f"{name} = {value!r} is not allowed: {allowed}")
+
+
+def check_int(name: str, value: Any, minimum: int, optional: bool = True) -> None:
+    """An integer >= ``minimum`` (``None`` where optional). ``True`` and ``3.5`` are refused:
+    a command line's ``--image_size 3.5`` would otherwise be truncated, ``eight`` fail deep inside."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise _allowed(name, value, what + (" (or null for the default)" if optional else ""))
+
+
+def check_positive_number(name: str, value: Any, optional: bool = True) -> None:
+    """A finite number > 0 (``nan``, ``inf``, ``0``, text refused)."""
+    if value is None and optional:
+        return
+    number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise _allowed(name, value, "a finite number > 0" + (" (or null)" if optional else ""))
+
+
+def check_choice(name: str, value: Any, choices: tuple) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise _allowed(name, value, "one of " + ", ".join(map(str, choices)))
+
+
+def check_normalization(value: Any) -> None:
+    """``auto``, ``imagenet``, ``none``/null, or ``{"mean": [...], "std": [...]}`` with std > 0."""
+    if value is None or value in ("auto", "imagenet", "none"):
+        return
+    allowed = 'auto, imagenet, none, or {"mean": [...], "std": [...]} with std > 0'
+    if not isinstance(value, dict) or not {"mean", "std"} <= set(value):
+        raise _allowed("normalization", value, allowed)
+    try:
+        mean, std = (np.asarray(value[k], dtype=np.float64).reshape(-1) for k in ("mean", "std"))
+    except (TypeError, ValueError):
+        raise _allowed("normalization", value, allowed) from None
+    if len(mean) != len(std) or not (np.isfinite(mean).all() and np.isfinite(std).all()):
+        raise _allowed("normalization", value, allowed)
+    if (std <= 0).any():
+        raise _allowed("normalization", value, allowed)
+
+
+def check_amp(value: Any) -> None:
+    try:
+        parse_amp(value)
+    except ValueError:
+        raise _allowed("amp", value, "true, false or auto") from None
+
+
+def check_pretrain_settings(cfg: PretrainConfig) -> None:
+    """Every setting a user can type, checked once where the run is built, before any file is
+    read or written: a wrong one is one line, not a traceback from deep inside training."""
+    from medp2x.checkpoints import GRAY_MODES
+    from medp2x.surgery import FILTER_MODES, SCALE_MODES
+
+    for name in ("image_size", "source_size", "batch_size", "epochs"):
+        check_int(name, getattr(cfg, name), minimum=1)
+    check_int("epoch_length", cfg.epoch_length, minimum=0)
+    check_int("max_iterations", cfg.max_iterations, minimum=1)
+    check_int("n_saved", cfg.n_saved, minimum=1)
+    for name in ("num_workers", "checkpoint_every", "seed"):
+        check_int(name, getattr(cfg, name), minimum=0, optional=False)
+    check_positive_number("lr", cfg.lr)
+    check_amp(cfg.amp)
+    check_normalization(cfg.normalization)
+    check_choice("modality", cfg.modality, ("rgb", "gray"))
+    check_choice("gray_stem", cfg.gray_stem, GRAY_MODES)
+    check_choice("scale", cfg.scale, SCALE_MODES)
+    check_choice("filters", cfg.filters, FILTER_MODES)
+    for name in ("method_options", "view_options"):
+        if not isinstance(getattr(cfg, name), dict):
+            raise _allowed(name, getattr(cfg, name), 'a dict, e.g. {"temperature": 0.2}')
+
+
 @dataclass
 class PretrainConfig:
     """One pretraining run. ``None`` means "the method's recipe for this profile"."""
@@ -87,6 +170,9 @@ class PretrainConfig:
     method_options: dict = field(default_factory=dict)  # recipe fields, e.g. {"temperature": 0.2}
     view_options: dict = field(default_factory=dict)  # augmentation fields, e.g. {"blur_p": 0.0}
 
+    def __post_init__(self) -> None:
+        check_pretrain_settings(self)
+
 
 @dataclass
 class RunSummary:
@@ -105,6 +191,14 @@ class RunSummary:
     surgery_applied: bool
     spread: float | None = None  # embedding spread over the last tenth of the run (None: not run)
     warnings: list[str] = field(default_factory=list)  # collapse warnings (medp2x.monitor)
+    skipped: int = 0  # unreadable files passed over under on_error="skip"
+    skipped_list: Path | None = None  # their list (file and reason), None when there were none
+
+    def skipped_line(self) -> str:
+        """The line every run summary ends with (#21): how many files were skipped, and where."""
+        if not self.skipped:
+            return "skipped files: 0 (every file read)"
+        return f"skipped files: {self.skipped} (list with reasons: {self.skipped_list})"
 
 
 class RunMeta:
@@ -820,6 +914,41 @@ def train(trainer: PretrainEngine) -> None:
     trainer.run(run.loader, max_epochs=run.plan.epochs)
 
 
+SKIPPED_LIST = "skipped_files.txt"
+
+
+def skipped_files(dataset: Any) -> list[tuple[str, str]]:
+    """(file, reason) of every file the dataset's readers skipped, through ``Subset`` and
+    ``ConcatDataset`` wrappers (each reader keeps a ``SkipLog`` in ``.skipped``)."""
+    from medp2x.data.base import SkipLog
+
+    found, seen, stack = [], set(), [dataset]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(getattr(node, "skipped", None), SkipLog):
+            found += node.skipped.skipped
+        if getattr(node, "dataset", None) is not None:
+            stack.append(node.dataset)
+        stack += list(getattr(node, "datasets", None) or [])
+    return list(dict.fromkeys(found))
+
+
+def write_skipped_list(out: Path, skipped: list[tuple[str, str]]) -> Path | None:
+    """``out/skipped_files.txt``, one ``file<TAB>reason`` line each (a stale list of an earlier
+    run is removed when none was skipped this time); undecodable names are escaped."""
+    listing = out / SKIPPED_LIST
+    if not skipped:
+        listing.unlink(missing_ok=True)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
+    listing.write_text(text, encoding="utf-8", errors="backslashreplace")
+    return listing
+
+
 def finish(trainer: PretrainEngine) -> RunSummary:
     """Write the encoder, the run's record and its seen-files list (rank 0), then summarise."""
     from medp2x.checkpoints import save_encoder
@@ -833,6 +962,8 @@ def finish(trainer: PretrainEngine) -> RunSummary:
         save_encoder(encoder_path, run.method.encoder.state_dict(), **run.meta)
         write_run_config(out, cfg, run.meta, run.recipe, run.plan, run.amp, run.handlers)
         record_seen_files(out, cfg.dataset, cfg.ssl_checkpoint)  # no test image pretrained on
+    skipped = skipped_files(cfg.dataset)
+    listing = write_skipped_list(out, skipped) if run.rank == 0 else out / SKIPPED_LIST
     idist.barrier()  # the outputs exist before any rank reads them or starts another run
     losses = read_loss_log(out)
     if run.rank == 0 and losses:
@@ -856,6 +987,8 @@ def finish(trainer: PretrainEngine) -> RunSummary:
         surgery_applied=run.surgery_applied,
         spread=monitor.mean("spread") if monitor else None,
         warnings=list(monitor.warnings) if monitor else [],
+        skipped=len(skipped),
+        skipped_list=listing if skipped else None,
     )
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -87,13 +88,45 @@ class P2XJob:
             return self._run()
         except (FileNotFoundError, ValueError) as err:  # user errors: one clear line
             logging.getLogger("medp2x").debug("job failed", exc_info=True)
-            sys.exit(f"{self.name}: error: {err}")
+            print(f"{self.name}: error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+        except OSError as err:
+            if err.filename is None:  # not about a path the user gave: keep the traceback
+                raise
+            print(f"{self.name}: error: {err.filename}: {err.strerror}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    def check_settings(self) -> None:
+        """Every setting as given, before any file is read or written (``PretrainConfig``
+        checks the same ones again for the Python API)."""
+        from medp2x.engine import (
+            check_amp,
+            check_choice,
+            check_int,
+            check_normalization,
+            check_positive_number,
+        )
+
+        check_choice("schedule", self.schedule, ("p1x", "p2x"))
+        for name in ("image_size", "source_size", "batch_size", "epochs", "max_iterations"):
+            check_int(name, getattr(self, name), minimum=1)
+        check_int("epoch_length", self.epoch_length, minimum=0)
+        for name in ("num_workers", "seed", "checkpoint_every", "keep_checkpoints"):
+            check_int(name, getattr(self, name), minimum=0, optional=False)
+        for name in ("first_stage_epochs", "eval_epochs", "demo_epochs"):
+            check_int(name, getattr(self, name), minimum=1, optional=False)
+        check_positive_number("lr", self.lr)
+        check_amp(self.amp)
+        check_normalization(self.normalization)
+        check_choice("eval_protocol", self.eval_protocol, ("linear", "finetune", "knn"))
+        check_output_dir(self.output_dir)
 
     def _run(self) -> dict:
         from medp2x.engine import PretrainConfig, default_handlers, pretrain
         from medp2x.methods import recipe_for
         from medp2x.views import default_source_size
 
+        self.check_settings()
         started = time.time()
         out = Path(self.output_dir)
         demo = self.data_dir is None
@@ -269,6 +302,24 @@ class P2XJob:
         return None, None
 
 
+def check_output_dir(path: str | Path, name: str = "output_dir") -> Path:
+    """The run folder, created if absent; one line where it is a file or cannot be written."""
+    from medp2x.engine import SettingError
+
+    if not isinstance(path, (str, Path)) or not str(path):
+        raise SettingError(f"{name} = {path!r} is not allowed: a folder path")
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise SettingError(f"{name} '{folder}' is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SettingError(f"{name} '{folder}' cannot be created: {err.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SettingError(f"{name} '{folder}' is not writable by this user")
+    return folder
+
+
 def make_demo_first_stage(folder: Path, job: P2XJob) -> Path:
     """The demo's stand-in for a public ImageNet SSL checkpoint (see ``demo.py``)."""
     from medp2x.demo import RandomCropDataset, natural_photos
@@ -339,6 +390,7 @@ def print_summary(job: P2XJob, report: dict) -> None:
             f"{100 * d['accuracy']:+.1f} points, 95% CI [{100 * d['accuracy_low']:+.1f}, "
             f"{100 * d['accuracy_high']:+.1f}] ({verdict})"
         )
+    lines.append(s.skipped_line())  # the last line: what was skipped, and where it is listed
     print("\n".join(lines))
 
 
