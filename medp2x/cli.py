@@ -29,6 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as err:  # user errors: one clear line, no traceback
         print(f"medp2x {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a path the user gave that cannot be written (a file, a folder)
+        if err.filename is None:  # not about a path: a bug, keep its traceback
+            raise
+        print(
+            f"medp2x {args.command}: error: cannot write {err.filename2 or err.filename}: "
+            f"{err.strerror}",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

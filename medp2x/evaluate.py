@@ -353,7 +353,11 @@ def read_run_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch_load_safe(path)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise ValueError(f"{path}: not a readable checkpoint ({err})") from err
+        from medp2x.recovery import why_unloadable  # #21: never torch's advice to load unsafely
+
+        raise ValueError(
+            f"{path}: not a readable checkpoint ({why_unloadable(path, err)})"
+        ) from None
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"{path}: not a checkpoint dictionary")
     return dict(ckpt)

@@ -93,7 +93,8 @@ class P2XJob:
         except OSError as err:
             if err.filename is None:  # not about a path the user gave: keep the traceback
                 raise
-            print(f"{self.name}: error: {err.filename}: {err.strerror}", file=sys.stderr)
+            where = err.filename2 or err.filename  # os.replace(tmp, target): the target
+            print(f"{self.name}: error: {where}: {err.strerror}", file=sys.stderr)
             raise SystemExit(2) from None
 
     def check_settings(self) -> None:

@@ -181,3 +181,49 @@ def test_run_summary_ends_with_the_skipped_files_and_their_list(tmp_path, capsys
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert last == f"skipped files: 1 (list with reasons: {listing})"
     assert write_skipped_list(tmp_path / "run", []) is None and not listing.exists()
+
+
+# ------------------------------------------------ class 6: the medp2x command's output paths
+@pytest.mark.parametrize("where", ["under_a_file", "is_a_folder"])
+def test_cli_output_that_cannot_be_written_is_one_line(tmp_path, capsys, where):
+    torchvision_checkpoint(tmp_path / "in.pth")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "file" / "out.pth" if where == "under_a_file" else tmp_path / "folder"
+    assert main(["surgery", str(tmp_path / "in.pth"), str(out), "--backbone-only"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medp2x surgery: error: cannot write ") and "\n" not in err
+    assert str(tmp_path / ("file" if where == "under_a_file" else "folder")) in err
+
+
+# -------------------------------------------- class 6: a poisoned checkpoint, refused safely
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("code from the checkpoint ran",))
+
+
+@pytest.mark.parametrize("reader", ["inspect", "run_checkpoint", "resume"])
+def test_poisoned_checkpoint_is_refused_without_advice_to_load_it_unsafely(
+    tmp_path, capsys, reader
+):
+    from medp2x.evaluate import read_run_checkpoint
+    from medp2x.recovery import why_unloadable
+
+    path = tmp_path / "checkpoint_4.pt"
+    torch.save({"model": {}, "trainer": {"iteration": 4}, "x": RunsCode()}, path)
+    if reader == "inspect":
+        assert main(["inspect", str(path)]) == 2
+        message = capsys.readouterr().err
+    elif reader == "run_checkpoint":
+        with pytest.raises(ValueError) as err:
+            read_run_checkpoint(path)
+        message = str(err.value)
+    else:
+        try:
+            torch.load(path, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - what the resume path sees
+            message = why_unloadable(path, err)
+    assert "checkpoint_4.pt" in message or reader == "resume"
+    assert "RunsCode" in message or "refused" in message
+    assert "weights_only=False" not in message and "set to `False`" not in message
+    assert "code from the checkpoint ran" not in capsys.readouterr().out
