@@ -42,7 +42,7 @@ def register(subparsers) -> None:
     )
     data.add_argument("--test-fraction", type=float, default=0.2)
     data.add_argument("--gray", action="store_true", help="read folder images as one channel")
-    data.add_argument("--on-error", choices=("raise", "skip"), default="raise")
+    data.add_argument("--on-error", "--on_error", choices=("raise", "skip"), default="raise")
 
     enc = p.add_argument_group("encoders")
     enc.add_argument(
