@@ -28,6 +28,13 @@ table, ``tried / handled / crashed / hung / lost / executed / leaked`` per part:
    output of every part (stdout, stderr, every file written) is searched for it. *leaked*:
    outputs that contain it.
 
+6. **wrong settings** (#21, class 6): the bundle run with each wrong override (``--batch_size
+   eight``, ``--image_size -8/3.5/0``, ``--lr nan``, ``--amp maybe``, ``--normalization
+   bogus``, ``--epochs -1/0``, ``--batchsize``, ``--data_dir @scans``/``$scans``,
+   ``--on_error maybe``, an output folder that is a file or lies under one) and the ``medp2x``
+   command with unwritable outputs and a poisoned checkpoint. *handled*: exactly one
+   ``error:`` line saying what was expected, no traceback, no advice to load unsafely.
+
 All of the last five columns must be 0 (exit code 1 otherwise). The generator (``generate_bad_files``) is used by
 ``tests/test_hardening_stress.py`` on a small sample too. 509 s on a shared 2-core CPU.
 """
@@ -40,6 +47,7 @@ import json
 import os
 import pickle
 import random
+import re
 import resource
 import shutil
 import struct
@@ -1034,6 +1042,88 @@ def count_leaks(outputs: list[Path]) -> tuple[int, int, list[str]]:
 
 
 # ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- part 6
+def settings_cases(work: Path) -> list[tuple[list[str], str]]:
+    """(command, what its one line must say): wrong overrides of the bundle, output paths that
+    cannot be written, a poisoned checkpoint given to the ``medp2x`` command."""
+    base = work / "settings"
+    (base / "a_file").write_text("not a folder")
+    (base / "folder").mkdir(exist_ok=True)
+    bundle = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "bundles/p2x_histo.json",
+              "--data_dir", str(base / "no_data"), "--output_dir", str(base / "run")]  # fmt: skip
+    medp2x = [sys.executable, "-m", "medp2x"]
+    ckpt, poisoned = str(base / "r18.pth"), str(base / "poisoned.pt")
+    cases = [
+        (["--batch_size", "eight"], "batch_size = 'eight' is not allowed"),
+        (["--image_size", "-8"], "image_size = -8 is not allowed"),
+        (["--image_size", "3.5"], "image_size = 3.5 is not allowed"),
+        (["--image_size", "0"], "image_size = 0 is not allowed"),
+        (["--lr", "nan"], "lr = "),
+        (["--amp", "maybe"], "amp = 'maybe' is not allowed"),
+        (["--normalization", "bogus"], "normalization = 'bogus' is not allowed"),
+        (["--epochs", "-1"], "epochs = -1 is not allowed"),
+        (["--epochs", "0"], "epochs = 0 is not allowed"),
+        (["--batchsize", "8"], "did you mean batch_size?"),
+        (["--data_dir", "@scans"], "write './@scans'"),
+        (["--data_dir", "$scans"], "write './$scans'"),
+        (["--on_error", "maybe"], "on_error = 'maybe' is not allowed"),
+        (["--output_dir", str(base / "a_file")], "is a file, not a folder"),
+        (["--output_dir", str(base / "a_file" / "run")], "cannot be created"),
+    ]
+    commands = [(bundle + extra, said) for extra, said in cases]
+    commands += [
+        (medp2x + ["surgery", ckpt, str(base / "folder")], "cannot write"),
+        (medp2x + ["surgery", ckpt, str(base / "a_file" / "out.pth")], "cannot write"),
+        (medp2x + ["inspect", poisoned], "refused"),
+    ]
+    return commands
+
+
+def run_settings(work: Path, rows: list[Row], outputs: list[Path]) -> None:
+    """Each wrong setting or unwritable output: exit 2 and one line naming it, no traceback."""
+    (work / "settings").mkdir(parents=True, exist_ok=True)
+    base = work / "settings"
+    subprocess.run(
+        [sys.executable, "-c", "import sys, torch, torchvision\n"
+         "torch.save(torchvision.models.resnet18().state_dict(), sys.argv[1])\n"
+         "class Evil:\n    def __reduce__(self):\n        return (print, ('EXECUTED',))\n"
+         "torch.save({'model': {}, 'x': Evil()}, sys.argv[2])", str(base / "r18.pth"),
+         str(base / "poisoned.pt")],
+        check=True, cwd=REPO,
+    )  # fmt: skip
+    row = Row("wrong settings, unwritable outputs, poisoned checkpoint: one line each")
+    cases = settings_cases(work)
+    logs = [base / f"case_{i}.log" for i in range(len(cases))]
+    running: list[tuple[subprocess.Popen, int]] = []
+    for i, (command, _) in enumerate(cases):
+        while len(running) >= 2:  # two at a time: each is a fresh interpreter importing torch
+            running[0][0].wait()
+            running.pop(0)
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=open(logs[i], "wb"), stderr=subprocess.STDOUT,
+            preexec_fn=limit_memory,
+        )  # fmt: skip
+        running.append((process, i))
+    for process, _ in running:
+        process.wait()
+    for (command, said), log in zip(cases, logs, strict=True):
+        outputs.append(log)
+        text = log.read_text(errors="replace")
+        row.tried += 1
+        errors = [line for line in text.splitlines() if re.match(r"(?:[\w ]+: )?error: ", line)]
+        what = " ".join(command[10:] if "monai.bundle" in command else command[3:])
+        if "Traceback" in text or "EXECUTED" in text:
+            row.crashed += "Traceback" in text
+            row.executed += "EXECUTED" in text
+            row.notes.append(f"{what}: {text[-300:]}")
+        elif len(errors) != 1 or said not in errors[0] or "weights_only=False" in text:
+            row.lost += 1
+            row.notes.append(f"{what}: expected one line with {said!r}, got {errors}")
+        else:
+            row.handled += 1
+    rows.append(row)
+
+
 def print_table(rows: list[Row]) -> str:
     head = "| part | tried | handled | crashed | hung | lost | executed | leaked |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -1059,7 +1149,9 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="one file per fault class, 2 kills")
     parser.add_argument(
-        "--parts", default="files,scan,skip,kills,checkpoints", help="parts to run, comma-separated"
+        "--parts",
+        default="files,scan,skip,kills,checkpoints,settings",
+        help="parts to run, comma-separated",
     )
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--pretrain", nargs=3, help=argparse.SUPPRESS)
@@ -1099,6 +1191,9 @@ def main() -> int:
         print("kills done", flush=True)
     if "checkpoints" in parts:
         run_malicious(work, rows, outputs)
+    if "settings" in parts:
+        run_settings(work, rows, outputs)
+        print("settings done", flush=True)
     searched, leaked, names = count_leaks(outputs)
     canary = Row(
         "PHI canary in every output (stdout, stderr, every file written)",
