@@ -29,7 +29,8 @@ def torchvision_checkpoint(path) -> dict[str, torch.Tensor]:
 
 def test_surgery_keeps_the_tensors_it_does_not_transform(tmp_path, capsys):
     source = torchvision_checkpoint(tmp_path / "in.pth")
-    assert main(["surgery", str(tmp_path / "in.pth"), str(tmp_path / "out.pth")]) == 0
+    argv = ["surgery", str(tmp_path / "in.pth"), str(tmp_path / "out.pth"), "--filters", "none"]
+    assert main(argv) == 0
     written = torch.load(tmp_path / "out.pth", weights_only=True)
     assert written.keys() == source.keys()  # fc.weight and fc.bias too
     assert torch.equal(written["fc.weight"], source["fc.weight"])
@@ -41,7 +42,8 @@ def test_surgery_keeps_the_tensors_it_does_not_transform(tmp_path, capsys):
 
 def test_surgery_backbone_only_drops_the_head(tmp_path):
     source = torchvision_checkpoint(tmp_path / "in.pth")
-    argv = ["surgery", str(tmp_path / "in.pth"), str(tmp_path / "out.pth"), "--backbone-only"]
+    argv = ["surgery", str(tmp_path / "in.pth"), str(tmp_path / "out.pth"), "--backbone-only",
+            "--filters", "none"]  # fmt: skip
     assert main(argv) == 0
     written = torch.load(tmp_path / "out.pth", weights_only=True)
     assert written.keys() == {k for k in source if not k.startswith("fc.")}
@@ -191,8 +193,10 @@ def test_cli_output_that_cannot_be_written_is_one_line(tmp_path, capsys, where):
     (tmp_path / "folder").mkdir()
     out = tmp_path / "file" / "out.pth" if where == "under_a_file" else tmp_path / "folder"
     assert main(["surgery", str(tmp_path / "in.pth"), str(out), "--backbone-only"]) == 2
-    err = capsys.readouterr().err.strip()
+    printed = capsys.readouterr()
+    err = printed.err.strip()
     assert err.startswith("medp2x surgery: error: cannot write ") and "\n" not in err
+    assert printed.out == ""  # refused before the checkpoint is read or repaired
     assert str(tmp_path / ("file" if where == "under_a_file" else "folder")) in err
 
 

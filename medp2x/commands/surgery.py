@@ -20,6 +20,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
@@ -105,10 +106,24 @@ def untouched_tensors(path: str, loaded, backbone: dict[str, torch.Tensor]) -> d
     return kept
 
 
+def check_output_file(path: str) -> None:
+    """OUT must be a file name whose folder exists or can be made: not a folder, not under a
+    file."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(
+            f"cannot write {out}: it is a folder; give a file name, e.g. {out}/p2x.pth"
+        )
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"cannot write {out}: {parent} is a file, not a folder")
+
+
 def run(args: argparse.Namespace) -> int:
     from medp2x.checkpoints import export_state_dict, sidecar_path
     from medp2x.surgery import apply_surgery
 
+    check_output_file(args.output)  # before the work: a wrong OUT is found at once
     state_dict, loaded = read_backbone(args.input, args.format)
     encoder = build_model(args.input, state_dict, loaded)
     report = apply_surgery(
