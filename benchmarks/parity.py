@@ -398,6 +398,8 @@ class ScoreCache:
             stat = Path(what["file"]).stat()
             what = {**what, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
         key = json.dumps({**self.probe_key, **what}, sort_keys=True)
+        if key not in self.entries and self.path.exists():  # scored meanwhile by another run?
+            self.entries = json.loads(self.path.read_text())
         if key not in self.entries:
             scores = compute()
             # merged with what another run scored meanwhile (runs of other methods may share it)
