@@ -114,6 +114,10 @@ def check_pretrain_settings(cfg: PretrainConfig) -> None:
 
     for name in ("image_size", "source_size", "batch_size", "epochs"):
         check_int(name, getattr(cfg, name), minimum=1)
+    for name in ("epoch_length", "max_iterations"):  # sample counts: 1e5 is a fine spelling
+        value = getattr(cfg, name)
+        if isinstance(value, float) and value.is_integer():
+            setattr(cfg, name, int(value))
     check_int("epoch_length", cfg.epoch_length, minimum=0)
     check_int("max_iterations", cfg.max_iterations, minimum=1)
     check_int("n_saved", cfg.n_saved, minimum=1)
