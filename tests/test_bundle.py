@@ -240,27 +240,10 @@ def test_ckpt_export_gives_the_features_of_the_encoder_file(tmp_path):
 
 def write_dicom(path: Path, pixels) -> Path:
     """A minimal 16-bit MONOCHROME2 ultrasound frame, as a hospital archive exports it."""
-    import numpy as np
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from test_data_dicom import write_dicom as write_dx
 
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.6.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality, (ds.Rows, ds.Columns) = "US", pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = pixels.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dx(path, pixels, Modality="US", SOPClassUID="1.2.840.10008.5.1.4.1.1.6.1")
 
 
 def dicom_folder(root: Path, n: int = 12) -> Path:
