@@ -44,24 +44,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from probe import Probe, split_probe
+from probe import score as probe_score
 from torch import nn
-from torch.utils.data import ConcatDataset, Dataset, Subset
+from torch.utils.data import Dataset
 
-from medp2x.batchnorm import recompute_bn_stats
 from medp2x.checkpoints import load_encoder
 from medp2x.data.folder import ImageFolderDataset
 from medp2x.engine import PretrainConfig, pretrain, read_loss_log
 from medp2x.evaluate import (
     EvalSettings,
     dataset_labels,
-    extract_features,
-    input_channels,
-    knn_scores,
-    linear_probe,
     load_encoder_file,
     resolve_encoder,
-    stratified_split,
-    training_images,
 )
 from medp2x.methods import recipe_for
 from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, NormalizedEncoder
@@ -70,7 +65,6 @@ from medp2x.surgery import apply_surgery, conv_weights, filter_norms
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 FIRST_STAGE = "first stage (no second stage)"
-VAL_FRACTION = 0.1  # of the training half, to choose the linear probe's L2 strength (parity)
 BN_STATS = ("saved", "recomputed")
 
 
@@ -99,23 +93,6 @@ OPTIONAL = ("none, gentle", "per_filter, lr/10")  # on request (--variants): CPU
 
 
 # ----------------------------------------------------------------------------- the probe
-@dataclass
-class Probe:
-    """The parity benchmark's probe (``benchmarks/parity.py``): one stratified 50/50 split
-    (seed 0), then 10% of the training half to choose the linear probe's L2 strength and the
-    rest to fit it (and to be the kNN memory bank and the BN re-averaging images). The
-    second stages pretrain on the whole training half, so the test half is never seen."""
-
-    fit: Dataset
-    val: Dataset
-    test: Dataset
-    num_classes: int
-
-    @property
-    def pretraining(self) -> ConcatDataset:
-        return ConcatDataset([self.fit, self.val])
-
-
 class DecodedOnce(Dataset):
     """The folder's samples decoded once (each JPEG would otherwise be decoded on every pass).
     It keeps the folder's ``items`` (file, label), so the engine's seen-files record can name
@@ -133,28 +110,16 @@ class DecodedOnce(Dataset):
 
 
 def probe_splits(data: Dataset, labels: np.ndarray, seed: int = 0) -> Probe:
-    train, test = stratified_split(labels, fraction=0.5, seed=seed)
-    fit, val = stratified_split(labels[train], fraction=VAL_FRACTION, seed=seed)
-    return Probe(
-        fit=Subset(data, train[fit].tolist()),
-        val=Subset(data, train[val].tolist()),
-        test=Subset(data, test.tolist()),
-        num_classes=int(labels.max()) + 1,
-    )
+    """The parity benchmark's probe: a stratified 50/50 split, then 10% of the training half
+    to choose the L2 strength. The second stages pretrain on the whole training half
+    (``probe.pretraining``), so the test half is never seen."""
+    return split_probe(data, labels, test_fraction=0.5, seed=seed)
 
 
 def score(encoder: nn.Module, probe: Probe, settings: EvalSettings, bn_stats: str) -> dict:
-    """Linear-probe and kNN test accuracy of the frozen features, with BN statistics as saved
-    or re-averaged over the fitting images (PreciseBN; labels unused)."""
-    if bn_stats == "recomputed":
-        images = training_images(probe.fit, settings, input_channels(encoder))
-        encoder = recompute_bn_stats(encoder, images)
-    fit = extract_features(encoder, probe.fit, settings)
-    val = extract_features(encoder, probe.val, settings)
-    test = extract_features(encoder, probe.test, settings)
-    linear = linear_probe(fit, val, test, probe.num_classes, settings)[0]["accuracy"]
-    votes = knn_scores(*fit, test[0], probe.num_classes, settings.knn_k, settings.knn_temperature)
-    return {"linear": float(linear), "knn": float((votes.argmax(1) == test[1]).float().mean())}
+    """Linear-probe and kNN test accuracy, BN statistics as saved or re-averaged."""
+    scores = probe_score(encoder, probe, settings, recompute_bn=bn_stats == "recomputed")
+    return {"linear": scores["linear"], "knn": scores["knn"]}
 
 
 def standard_error(accuracy: float, n: int) -> float:

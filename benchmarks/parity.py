@@ -48,26 +48,19 @@ import numpy as np
 import torch
 from methods_knn import method_options, standard_error
 from monai.data import CacheDataset
+from probe import Probe, score, split_probe
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Subset
 
 from medp2x import __version__ as MEDP2X_VERSION
 from medp2x.baselines import build_baseline
-from medp2x.batchnorm import batch_norms, recompute_bn_stats
 from medp2x.data.folder import ImageFolderDataset
 from medp2x.evaluate import (
     EvalSettings,
     dataset_labels,
-    extract_features,
-    input_channels,
-    knn_scores,
-    linear_probe,
     resolve_encoder,
-    stratified_split,
-    training_images,
 )
 from medp2x.methods import METHODS, recipe_for
-from medp2x.monitor import rankme
 from medp2x.networks import build_encoder, strided_convs_on_one_pixel
 
 HERE = Path(__file__).resolve().parent
@@ -76,7 +69,6 @@ IMPLEMENTATIONS = ("medp2x", "lightly")
 RANDOM_SEEDS = 3
 LEARNING_MARGIN = 0.03  # the issue's bar: SimCLR and BYOL beat the best random init by 3 points
 MUST_LEARN = ("simclr", "byol")
-VAL_FRACTION = 0.1  # of the probe's training images, to choose its L2 strength
 SOURCE_SIZE = 64  # medp2x crops from images of this side: Tiny-ImageNet's own, as lightly's
 
 
@@ -330,17 +322,6 @@ def pretrain_all(s: Settings, args: argparse.Namespace, runs_root: Path) -> dict
 # ------------------------------------------------------------------------------ evaluation
 
 
-@dataclass
-class Probe:
-    """The labelled set, decoded once and split once: ``--test-fraction`` of each class for
-    test, 10 % of the rest to choose the probe's L2 strength, the rest to fit it."""
-
-    fit: Dataset
-    val: Dataset
-    test: Dataset
-    num_classes: int
-
-
 def probe_splits(args: argparse.Namespace, per_class: int | None) -> Probe:
     data = ImageFolderDataset(args.eval_data)  # resized to --eval-size by the probe's loader
     labels = dataset_labels(data)
@@ -352,34 +333,9 @@ def probe_splits(args: argparse.Namespace, per_class: int | None) -> Probe:
         ]
         keep = np.sort(np.concatenate(by_class))
     cached = CacheDataset(Subset(data, keep.tolist()), transform=None, progress=False)
-    train, test = stratified_split(labels[keep], args.test_fraction, args.seed)
-    fit, val = stratified_split(labels[keep][train], VAL_FRACTION, args.seed)
-    return Probe(
-        fit=Subset(cached, train[fit].tolist()),
-        val=Subset(cached, train[val].tolist()),
-        test=Subset(cached, test.tolist()),
-        num_classes=int(labels.max()) + 1,
-    )
-
-
-def score(encoder: nn.Module, probe: Probe, settings: EvalSettings, recompute_bn: bool) -> dict:
-    """Linear-probe and kNN accuracy on the test split, and RankMe of the test features.
-    The kNN memory bank is the probe's fitting set, and BN is re-averaged over it."""
-    if recompute_bn and batch_norms(encoder):
-        images = training_images(probe.fit, settings, input_channels(encoder))
-        encoder = recompute_bn_stats(encoder, images)
-    train = extract_features(encoder, probe.fit, settings)
-    val = extract_features(encoder, probe.val, settings)
-    test = extract_features(encoder, probe.test, settings)
-    linear = linear_probe(train, val, test, probe.num_classes, settings)[0]
-    k, temperature = settings.knn_k, settings.knn_temperature
-    votes = knn_scores(*train, test[0], probe.num_classes, k, temperature)
-    return {
-        "linear": float(linear["accuracy"]),
-        "knn": float((votes.argmax(1) == test[1]).float().mean()),
-        "rankme": rankme(test[0]),
-        "n_test": len(test[1]),
-    }
+    probe = split_probe(cached, labels[keep], args.test_fraction, args.seed)
+    probe.num_classes = int(labels.max()) + 1  # every class, even if a subset missed one
+    return probe
 
 
 class ScoreCache:

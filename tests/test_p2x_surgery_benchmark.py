@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import each other by name
 spec = importlib.util.spec_from_file_location("p2x_surgery", REPO / "benchmarks" / "p2x_surgery.py")
 p2x_surgery = importlib.util.module_from_spec(spec)
 sys.modules["p2x_surgery"] = p2x_surgery  # dataclasses look their module up by name
