@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import tifffile
 import torch
 from PIL import Image
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import FileMetaDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import stress  # noqa: E402  (the harness's file writers)
 
 from medp2x.data.base import (
     DEFAULT_PIXEL_BUDGET,
@@ -66,26 +69,10 @@ def write_volume(path: Path, data: np.ndarray) -> Path:
 
 
 def dicom_file(path: Path, rows=16, cols=16, pixels: bytes | None = None, **attributes) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = (
-        meta.MediaStorageSOPClassUID,
-        meta.MediaStorageSOPInstanceUID,
-    )
-    ds.Modality, ds.Rows, ds.Columns = "DX", rows, cols
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    for key, value in attributes.items():
-        setattr(ds, key, value)
+    """A minimal 8-bit MONOCHROME2 DX file (the stress harness's writer), attributes overridable."""
     if pixels is None:
         pixels = (np.arange(rows * cols) % 251).astype(np.uint8).tobytes()
-    ds.PixelData = pixels
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return stress._dicom(path, rows, cols, bits=8, pixels=pixels, **attributes)
 
 
 # ----------------------------------------------------------------------------- 2: bombs
