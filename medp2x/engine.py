@@ -282,16 +282,9 @@ def derived_seed(seed: int, *keys: int) -> int:
 
 
 def resolve_epoch_length(cfg: PretrainConfig) -> int:
-    """Samples per epoch (all ranks together): the user's, else the profile's; 0: one pass."""
-    length = EPOCH_LENGTH[cfg.profile] if cfg.epoch_length is None else cfg.epoch_length
-    if isinstance(length, float) and length.is_integer():  # "--epoch_length 1e5"
-        length = int(length)
-    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
-        raise ValueError(
-            f"epoch_length must be a number of samples >= 0 (0: one pass over the data), "
-            f"got {length!r}"
-        )
-    return length
+    """Samples per epoch (all ranks together): the user's, else the profile's; 0: one pass.
+    The user's value was checked (and 1e5 made an int) by ``check_pretrain_settings``."""
+    return EPOCH_LENGTH[cfg.profile] if cfg.epoch_length is None else cfg.epoch_length
 
 
 @dataclass(frozen=True)
