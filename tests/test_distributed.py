@@ -255,6 +255,8 @@ def test_a_rank_lost_mid_epoch_is_restarted_by_torchrun_and_resumes_exactly(torc
     from the epoch-1 checkpoint and ended with the uninterrupted run's weights and loss log."""
     from medp2x.engine import read_loss_log
 
+    log = (torchrun_job / "torchrun.log").read_text()
+    assert "failed (exitcode: 17) local_rank: 1" in log  # torchrun names the rank that died
     assert (torchrun_job / "resumed.txt").read_text().split() == [
         "attempt=1",
         f"world={WORLD}",
