@@ -797,6 +797,7 @@ def create_trainer(run: PretrainRun) -> PretrainEngine:
     steps = cfg.accumulation_steps
 
     def forward_backward(engine: Engine, images: ImageBatch, sync: bool) -> dict:
+        images = images.to(device, non_blocking=True)  # one pass's images on the device at a time
         with torch.no_grad():
             views = [run.normalize(v) for v in run.augment(images)]
         with no_sync(run.model, enabled=not sync):
@@ -808,7 +809,6 @@ def create_trainer(run: PretrainRun) -> PretrainEngine:
 
     def training_step(engine: Engine, images: ImageBatch) -> dict[str, float]:
         run.model.train()
-        images = images.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         parts = split_batch(images, steps)
         passes = [forward_backward(engine, p, i == len(parts) - 1) for i, p in enumerate(parts)]
