@@ -114,6 +114,7 @@ def check_pretrain_settings(cfg: PretrainConfig) -> None:
 
     for name in ("image_size", "source_size", "batch_size", "epochs"):
         check_int(name, getattr(cfg, name), minimum=1)
+    check_int("accumulation_steps", cfg.accumulation_steps, minimum=1, optional=False)
     for name in ("epoch_length", "max_iterations"):  # sample counts: 1e5 is a fine spelling
         value = getattr(cfg, name)
         if isinstance(value, float) and value.is_integer():
@@ -149,7 +150,9 @@ class PretrainConfig:
     # the profile's multiple of the crop, views.default_source_size). Crops come from each
     # image at its own resolution, as a RandomResizedCrop of the original image does.
     source_size: int | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # per process and per forward pass (docs/distributed.md)
+    # Forward passes summed into one optimiser step: global batch = batch_size x ranks x this.
+    accumulation_steps: int = 1
     epochs: int | None = None
     # Samples per epoch, all ranks together (None: the profile's, EPOCH_LENGTH; 0: one pass).
     epoch_length: int | None = None
@@ -258,7 +261,7 @@ def resolve_recipe(cfg: PretrainConfig) -> Any:
     )
     recipe = override_recipe(recipe, **{k: v for k, v in overrides.items() if v is not None})
     if cfg.lr is not None:  # an explicit peak learning rate: no batch-size scaling
-        world_batch = recipe.batch_size * idist.get_world_size()
+        world_batch = recipe.batch_size * idist.get_world_size() * cfg.accumulation_steps
         recipe = override_recipe(recipe, base_lr=cfg.lr, lr_batch_divisor=world_batch)
     return recipe
 
@@ -546,6 +549,8 @@ def random_init(encoder: torch.nn.Module, seed: int) -> torch.nn.Module:
     for module in encoder.modules():
         if isinstance(module, torch.nn.Conv2d):
             torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:  # else left as the unseeded construction drew it
+                torch.nn.init.zeros_(module.bias)
         elif isinstance(module, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
             torch.nn.init.ones_(module.weight)
             torch.nn.init.zeros_(module.bias)
@@ -665,10 +670,12 @@ def build_run(
     (``method, recipe, global_batch, steps_per_epoch``; it returns the optimiser and the
     per-iteration schedule). None: medp2x's own.
     """
+    from medp2x.distributed import check_launch
     from medp2x.methods import build_method
     from medp2x.optim import build_optimizer
     from medp2x.views import build_views
 
+    check_launch()
     torch.manual_seed(cfg.seed)  # the same on every rank: heads' init, Ignite's data seed
     rank = idist.get_rank()
     recipe = resolve_recipe(cfg)
@@ -736,14 +743,14 @@ def epoch_loader(
     from medp2x.views import source_size_for
 
     world, rank = idist.get_world_size(), idist.get_rank()
-    batch_size = recipe.batch_size
+    step_batch = recipe.batch_size * cfg.accumulation_steps  # this rank's samples per step
     plan = plan_epochs(
-        len(cfg.dataset), batch_size * world, recipe.epochs, resolve_epoch_length(cfg)
+        len(cfg.dataset), step_batch * world, recipe.epochs, resolve_epoch_length(cfg)
     )
     sampler = PassSampler(len(cfg.dataset), plan.samples_per_epoch, world, rank, cfg.seed)
     loader = DataLoader(
         cfg.dataset,
-        batch_size=batch_size,
+        batch_size=step_batch,
         sampler=sampler,
         drop_last=True,
         num_workers=cfg.num_workers,
@@ -778,29 +785,38 @@ def create_trainer(run: PretrainRun) -> PretrainEngine:
     The learning-rate schedule steps inside the step, right after the optimiser: as a separate
     handler, its order relative to the checkpoint saver would decide whether a checkpoint holds
     the schedule before or after the step it saved, and resuming would no longer be exact.
+    One iteration is one optimiser step: with ``accumulation_steps`` A, the loader's batch is
+    split into A forward passes whose gradients (each loss divided by A) add up before the
+    step, and DDP all-reduces only after the last (``no_sync``); the schedule, the momentum
+    encoders and the checkpoints count optimiser steps.
     """
+    from medp2x.distributed import mean_over_ranks
+
     cfg, method, optimizer, scheduler = run.cfg, run.method, run.optimizer, run.scheduler
     device, amp, total = run.device, run.amp, run.plan.total_iterations
+    steps = cfg.accumulation_steps
+
+    def forward_backward(engine: Engine, images: ImageBatch, sync: bool) -> dict:
+        images = images.to(device, non_blocking=True)  # one pass's images on the device at a time
+        with torch.no_grad():
+            views = [run.normalize(v) for v in run.augment(images)]
+        with no_sync(run.model, enabled=not sync):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp.enabled):
+                outputs = run.model(views)
+            check_finite(outputs["loss"], engine, cfg.method, run.ckpt_dir)
+            (outputs["loss"] / steps if steps > 1 else outputs["loss"]).backward()
+        return {k: float(v.detach()) for k, v in outputs.items() if scalar(v)}
 
     def training_step(engine: Engine, images: ImageBatch) -> dict[str, float]:
         run.model.train()
-        images = images.to(device, non_blocking=True)
-        with torch.no_grad():
-            views = [run.normalize(v) for v in run.augment(images)]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp.enabled):
-            outputs = run.model(views)
-        check_finite(outputs["loss"], engine, cfg.method, run.ckpt_dir)
         optimizer.zero_grad(set_to_none=True)
-        outputs["loss"].backward()
+        parts = split_batch(images, steps)
+        passes = [forward_backward(engine, p, i == len(parts) - 1) for i, p in enumerate(parts)]
         method.on_before_optimizer_step(engine.state.epoch - 1, engine.state.iteration - 1)
         optimizer.step()
         scheduler.step()
         method.on_after_optimizer_step(engine.state.iteration / total)
-        logs = {
-            k: float(v.detach())
-            for k, v in outputs.items()
-            if torch.is_tensor(v) and v.numel() == 1
-        }
+        logs = mean_over_ranks({k: sum(p[k] for p in passes) / len(passes) for k in passes[0]})
         logs["lr"] = optimizer.param_groups[0]["lr"]
         return logs
 
@@ -822,6 +838,31 @@ def create_trainer(run: PretrainRun) -> PretrainEngine:
             lambda e: e.terminate() if e.state.iteration >= cfg.max_iterations else None,
         )
     return trainer
+
+
+def scalar(value: Any) -> bool:
+    return torch.is_tensor(value) and value.numel() == 1
+
+
+def split_batch(images: ImageBatch, parts: int) -> list[ImageBatch]:
+    """``images`` as ``parts`` consecutive equal forward passes (gradient accumulation)."""
+    if parts == 1:
+        return [images]
+    size = len(images) // parts
+    return [
+        ImageBatch(
+            images.pixels[i * size : (i + 1) * size], images.sizes[i * size : (i + 1) * size]
+        )
+        for i in range(parts)
+    ]
+
+
+def no_sync(model: torch.nn.Module, enabled: bool) -> Any:
+    """DDP's ``no_sync`` (keep this pass's gradients local: they are all-reduced with the last
+    pass of the step) where ``enabled`` and the model is DDP; else nothing."""
+    from contextlib import nullcontext
+
+    return model.no_sync() if enabled and hasattr(model, "no_sync") else nullcontext()
 
 
 def default_handlers(cfg: PretrainConfig) -> list:
@@ -1047,6 +1088,7 @@ def write_run_config(
     record["ssl_checkpoint"] = str(cfg.ssl_checkpoint) if cfg.ssl_checkpoint else None
     record["recipe"] = asdict(recipe)
     record["epoch_plan"] = {**asdict(plan), "total_iterations": plan.total_iterations}
+    record["world_size"] = idist.get_world_size()  # global batch = batch x this x accumulation
     record["amp"] = asdict(amp)
     record["meta"] = meta
     record["handlers"] = [describe_handler(h) for h in handlers]

@@ -52,6 +52,7 @@ class P2XJob:
     image_size: int | None = None
     source_size: int | None = None  # shorter-side cap of the images (None: 2-2.3x image_size)
     batch_size: int | None = None
+    accumulation_steps: int = 1  # forward passes per optimiser step (docs/distributed.md)
     epochs: int | None = None
     epoch_length: int | None = None  # samples per epoch (None: the profile's; 0: one pass)
     lr: float | None = None
@@ -112,6 +113,7 @@ class P2XJob:
         for name in ("image_size", "source_size", "batch_size", "epochs", "max_iterations"):
             check_int(name, getattr(self, name), minimum=1)
         check_int("epoch_length", self.epoch_length, minimum=0)
+        check_int("accumulation_steps", self.accumulation_steps, minimum=1, optional=False)
         for name in ("num_workers", "seed", "checkpoint_every", "keep_checkpoints"):
             check_int(name, getattr(self, name), minimum=0, optional=False)
         for name in ("first_stage_epochs", "eval_epochs", "demo_epochs"):
@@ -149,6 +151,7 @@ class P2XJob:
             image_size=image_size,
             source_size=source_size,
             batch_size=self.batch_size,
+            accumulation_steps=self.accumulation_steps,
             epochs=self.epochs or (self.demo_epochs if demo else None),
             epoch_length=self.demo_epoch_length
             if demo and self.epoch_length is None
@@ -180,9 +183,11 @@ class P2XJob:
             views=self.views,
             optimizer=self.optimizer,
         )
-        results = self._evaluate(
-            out, demo, first_stage, summary.encoder_path, summary.arch, image_size
-        )
+        results = []  # rank 0 alone evaluates the written encoder; the others are done
+        if idist.get_rank() == 0:
+            results = self._evaluate(
+                out, demo, first_stage, summary.encoder_path, summary.arch, image_size
+            )
         report = {"summary": summary, "results": results, "minutes": (time.time() - started) / 60}
         if idist.get_rank() == 0:  # one summary, not one per process
             print_summary(self, report)
