@@ -292,8 +292,9 @@ def extract_features(
     import torch
 
     from medp2x.data.base import existing_path
-    from medp2x.evaluate import EvalSettings, resolve_encoder
-    from medp2x.evaluate import extract_features as features_of
+    from medp2x.eval.encoders import resolve_encoder
+    from medp2x.eval.features import extract_features as features_of
+    from medp2x.eval.settings import EvalSettings
 
     encoder_path = existing_path(encoder, "encoder")
     root = existing_path(data_dir, "data_dir")

@@ -19,7 +19,7 @@ from torch.utils.data import Subset
 
 from medp2x.data import benchmarks
 from medp2x.data.benchmarks import BENCHMARKS, dataset_factory, eval_data_factory
-from medp2x.evaluate import dataset_labels
+from medp2x.eval.splits import dataset_labels
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"

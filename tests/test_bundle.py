@@ -405,7 +405,9 @@ def test_inference_bundle_writes_features_without_paths(tmp_path):
     from monai.bundle import run
 
     from medp2x.checkpoints import save_encoder
-    from medp2x.evaluate import EvalSettings, extract_features, resolve_encoder
+    from medp2x.eval.encoders import resolve_encoder
+    from medp2x.eval.features import extract_features
+    from medp2x.eval.settings import EvalSettings
     from medp2x.networks import build_encoder
 
     torch.manual_seed(0)

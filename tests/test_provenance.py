@@ -16,9 +16,10 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from medp2x import cli
-from medp2x import evaluate as evaluation
 from medp2x.data import benchmarks
 from medp2x.data.folder import ImageFolderDataset
+from medp2x.eval import run as evaluation
+from medp2x.eval.leakage import check_test_overlap
 from medp2x.networks import build_encoder
 
 
@@ -143,11 +144,11 @@ def test_clean_run_and_inherited_first_stage(tmp_path):
     pretraining = benchmarks.dataset_factory("satellite")(data, 8)  # the registry's 80 %
     clean = _run_with_record(tmp_path / "clean", pretraining)
     train, test = benchmarks.eval_data_factory("satellite", data_dir=data)()
-    overlaps = evaluation.check_test_overlap({"P2X": clean, "Random": "random"}, test)
+    overlaps = check_test_overlap({"P2X": clean, "Random": "random"}, test)
     assert overlaps["P2X"].seen == 0 and overlaps["P2X"].test_images == 10
     # a second stage from a first stage that saw the test images inherits them
     first = _run_with_record(tmp_path / "stage1", ImageFolderDataset(data))
     second = _run_with_record(tmp_path / "p2x", pretraining, first_stage=first)
     assert read_record(find_record(second))["first_stage"]["hashes"] == 50
     with pytest.raises(ValueError, match="'P2X': its pretraining run saw 10 of the 10 test"):
-        evaluation.check_test_overlap({"P2X": second}, test)
+        check_test_overlap({"P2X": second}, test)
