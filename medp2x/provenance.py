@@ -11,7 +11,7 @@ written, so the record carries no patient identifier; renaming or moving a file 
 run saw any test image (``count_test_overlap``). A P2X run also inherits the record of its first
 stage (``ssl_checkpoint``) when that was a medp2x run, so a test image seen by either stage
 counts. What hashes cannot see: derived data (PCam's test patches were cut from CAMELYON16's
-test slides, so pretraining on those slides is leakage with no shared file: docs/benchmarks.md).
+test slides, so pretraining on those slides is leakage with no shared file: docs/datasets.md).
 
 Cost: each source file is read once, streaming, on a few threads; a resumed run whose file
 listing (paths, sizes, modification times, itself only kept as one digest) is unchanged reuses

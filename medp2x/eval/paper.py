@@ -1,7 +1,7 @@
 """One of the paper's ten datasets in, results out: the entry point of bundles/evaluate.json.
 
 One cell group of Tables 2-5 or one panel of Figs. 2-3 on a dataset's downstream task and its
-own test split (``medp2x.data.benchmarks`` reads the data; this module evaluates), so the data
+own test split (``medp2x.data.paper`` reads the data; this module evaluates), so the data
 package does not depend on evaluation. ``benchmark`` stays the bundle's argument name.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from medp2x.data.benchmarks import Benchmark, eval_data_factory, get
+from medp2x.data.paper import PaperDataset, eval_data_factory, get
 from medp2x.eval.compare import compare_encoders
 from medp2x.eval.convergence import convergence_figure
 from medp2x.eval.report import format_differences, format_table, write_results
@@ -51,7 +51,7 @@ def _encoder_name(path: str | Path) -> str:
     return path.stem if path.stem != "encoder" or not parts else parts[-1]
 
 
-def evaluate_benchmark(
+def evaluate_paper_dataset(
     benchmark: str,
     encoder=None,
     output_dir: str | Path = "runs/evaluate",
@@ -145,7 +145,7 @@ def _report_dropped(dropped: dict[str, list], out: Path) -> dict[str, int]:
     return counts
 
 
-def _note_test_split(rows: list[dict], bench: Benchmark, dropped: dict | None = None) -> None:
+def _note_test_split(rows: list[dict], bench: PaperDataset, dropped: dict | None = None) -> None:
     dropped = dropped or {}
     note = f"{bench.downstream_data.what}: {bench.test_split}"
     if dropped.get("test"):
@@ -187,9 +187,9 @@ def _shell_word(text: str) -> str:
 
 
 def evaluate_or_exit(**kwargs) -> list[dict]:
-    """``evaluate_benchmark`` for bundles/evaluate.json: user errors as one line, no traceback."""
+    """``evaluate_paper_dataset`` for bundles/evaluate.json: user errors as one line, no traceback."""
     try:
-        return evaluate_benchmark(**kwargs)
+        return evaluate_paper_dataset(**kwargs)
     except (FileNotFoundError, ValueError) as err:
         logger.debug("evaluation failed", exc_info=True)
         sys.exit(f"evaluate {kwargs.get('benchmark')}: error: {err}")

@@ -32,10 +32,10 @@ def load_datasets(
     ``.npz`` (its val/test splits are used unless others are given). The test split is a
     property of the dataset, never of an evaluation's seed: ``test_data``, else the file's
     ``test`` split, else a stratified ``test_fraction`` of each class held out with the
-    registry's fixed ``SPLIT_SEED`` (the split the benchmarks' pretraining readers exclude).
+    registry's fixed ``SPLIT_SEED`` (the split the paper datasets' pretraining readers exclude).
     Images are read at their own size; the evaluation view resizes them (shape kept).
     """
-    from medp2x.data.benchmarks import SPLIT_SEED
+    from medp2x.data.paper import SPLIT_SEED
 
     train, val, test = _read_path(data, "train", gray, on_error), None, None
     note = "given (--test-data)"
