@@ -54,10 +54,10 @@ from medp2x.data.base import (
     walk_tree,
 )
 from medp2x.data.intensity import percentile_window, scale_to_unit, to_sample_tensor
+from medp2x.data.readers import DICOM_SUFFIXES
 
 logger = logging.getLogger("medp2x.data.dicom")
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 WINDOWS = ("voi", "minmax", "percentile")
 X_RAY_AND_US = ("CR", "DX", "MG", "RF", "XA", "US")
 INDEX_CACHE_VERSION = 1

@@ -42,14 +42,12 @@ from medp2x.data.base import (
     handle_bad_file,
     walk_tree,
 )
+from medp2x.data.readers import TIFF_SUFFIXES, WSI_SUFFIXES
 from medp2x.data.tissue import TISSUE_MODES, tile_fractions, tissue_mask
 
 logger = logging.getLogger("medp2x.data")
 
-WSI_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".czi", ".dcm",
-)  # fmt: skip
+WSI_EXTENSIONS = (*WSI_SUFFIXES, *TIFF_SUFFIXES, ".dcm")  # tiled TIFFs and DICOM-WSI too
 INDEX_VERSION = 1  # bump when the tiling or tissue algorithm changes: old caches are ignored
 MAX_MASK_SIDE = 2048  # tissue masks are computed on at most this many pixels a side
 MPP_TOLERANCE = 0.02  # 0.499 mpp counts as 0.5: read without resampling

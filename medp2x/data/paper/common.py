@@ -139,30 +139,16 @@ def read_medical_images(
 ) -> Dataset:
     """Unlabelled scans under ``root``: DICOM files when there are any, else NIfTI volumes
     (2-D slices), else PNG/JPEG/TIFF images. Users bring their own hospital data this way."""
-    from medp2x.data.dicom import DICOM_SUFFIXES
-    from medp2x.data.nifti import NIFTI_SUFFIXES
+    from medp2x.data.readers import READERS, open_reader
 
-    names = [p.name.lower() for p in root.rglob("*") if p.is_file()]
-    if any(n.endswith(DICOM_SUFFIXES) for n in names):
-        from medp2x.data.dicom import DicomDataset
-
-        return DicomDataset(
-            root,
-            image_size=image_size,
-            resize=KEEP_SHAPE,
-            channels=1 if gray else 3,
-            on_error=on_error,
-        )
-    if any(n.endswith(NIFTI_SUFFIXES) for n in names):
-        from medp2x.data.nifti import NiftiSliceDataset
-
-        return NiftiSliceDataset(
-            root,
-            image_size=image_size,
-            resize=KEEP_SHAPE,
-            channels=1 if gray else 3,
-            on_error=on_error,
-        )
+    names = [p.name for p in root.rglob("*") if p.is_file()]
+    for kind in ("dicom", "nifti"):  # scans first: DICOM, else NIfTI volumes, else images
+        if any(READERS[kind].claims(n) for n in names):
+            channels = 1 if gray else 3
+            return open_reader(
+                kind, root, image_size=image_size, resize=KEEP_SHAPE, channels=channels,
+                on_error=on_error,
+            )  # fmt: skip
     files = _image_files(root, exclude)
     if not files:
         raise FileNotFoundError(f"no DICOM, NIfTI or image files under {root}")

@@ -66,10 +66,10 @@ def read_mri_pretraining(
 
 
 def _has_volumes(root: Path) -> bool:
-    from medp2x.data.dicom import DICOM_SUFFIXES
-    from medp2x.data.nifti import NIFTI_SUFFIXES
+    from medp2x.data.readers import READERS
 
-    return any(p.name.lower().endswith(NIFTI_SUFFIXES + DICOM_SUFFIXES) for p in root.rglob("*"))
+    scans = (READERS["nifti"], READERS["dicom"])
+    return any(r.claims(p.name) for p in root.rglob("*") for r in scans)
 
 
 def read_mri_downstream(
