@@ -32,9 +32,12 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from medp2x.atomic import atomic_write_text
+from medp2x.run_folder import SEEN_FILES, run_folder_of
+
 logger = logging.getLogger("medp2x.provenance")
 
-RECORD_NAME = "seen_files.json"
+RECORD_NAME = SEEN_FILES
 FORMAT = "medp2x-seen-files/1"
 HASH_THREADS = 4  # file reads overlap; hashlib releases the GIL on large buffers
 
@@ -201,10 +204,7 @@ def record_seen_files(
             "unidentified_samples": inherited.get("unidentified_samples", 0),
         }
     record["sha256"] = sorted(seen)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=0))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=0))
     if keys.unidentified:
         logger.warning(
             "%s: %d of %d samples come from a dataset type whose files cannot be identified; "
@@ -231,8 +231,8 @@ def find_record(encoder: str | Path | None) -> Path | None:
     path = Path(encoder)
     if not path.is_file():
         return None
-    for folder in (path.parent, path.parent.parent if path.parent.name == "checkpoints" else None):
-        if folder is not None and (folder / RECORD_NAME).is_file():
+    for folder in dict.fromkeys((path.parent, run_folder_of(path))):
+        if (folder / RECORD_NAME).is_file():
             return folder / RECORD_NAME
     return None
 

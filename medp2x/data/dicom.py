@@ -40,6 +40,7 @@ from pydicom.pixels import (
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from torch.utils.data import Dataset as TorchDataset
 
+from medp2x.atomic import atomic_write_text
 from medp2x.data.base import (
     OnError,
     SkipLog,
@@ -681,8 +682,4 @@ def _load_index_cache(path: str | Path | None) -> dict:
 
 def _save_index_cache(path: str | Path, files: dict[str, dict]) -> None:
     """Written atomically (temp file + rename) so an interrupted run leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"version": INDEX_CACHE_VERSION, "files": files}))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps({"version": INDEX_CACHE_VERSION, "files": files}))

@@ -16,6 +16,7 @@ from medp2x.eval.compare import compare_encoders
 from medp2x.eval.encoders import checkpoint_progress, resolve_encoder
 from medp2x.eval.leakage import check_test_overlap
 from medp2x.eval.settings import EvalSettings, with_changes
+from medp2x.run_folder import CHECKPOINTS, checkpoint_dir
 
 
 def list_checkpoints(source: str | Path | Sequence[str | Path]) -> list[Path]:
@@ -25,8 +26,8 @@ def list_checkpoints(source: str | Path | Sequence[str | Path]) -> list[Path]:
         root = Path(source)
         if not root.exists():
             raise FileNotFoundError(f"checkpoint source {str(root)!r} does not exist")
-        if root.is_dir() and (root / "checkpoints").is_dir():
-            root = root / "checkpoints"
+        if root.is_dir() and checkpoint_dir(root).is_dir():
+            root = checkpoint_dir(root)
         files = sorted(root.glob("*.pt")) if root.is_dir() else [root]
     else:
         files = [Path(p) for p in source]
@@ -112,5 +113,5 @@ def convergence_figure(
 def _series_name(source) -> str:
     if isinstance(source, (str, Path)):
         path = Path(source)
-        return path.parent.name if path.name == "checkpoints" else path.name
+        return path.parent.name if path.name == CHECKPOINTS else path.name
     return "run"

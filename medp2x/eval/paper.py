@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from medp2x.atomic import atomic_write_bytes
 from medp2x.data.paper import PaperDataset, eval_data_factory, get
 from medp2x.eval.compare import compare_encoders
 from medp2x.eval.convergence import convergence_figure
 from medp2x.eval.report import format_differences, format_table, write_results
+from medp2x.run_folder import skipped_files_path
 
 logger = logging.getLogger("medp2x.evaluate")
 
@@ -131,13 +133,12 @@ def _report_dropped(dropped: dict[str, list], out: Path) -> dict[str, int]:
     counts = {name: len(files) for name, files in dropped.items()}
     if not any(counts.values()):
         return counts
-    out.mkdir(parents=True, exist_ok=True)
-    listing = out / "skipped_files.txt"
-    listing.write_text(
-        "".join(f"{name}\t{path}\t{reason}\n" for name, files in dropped.items()
-                for path, reason in files),
-        encoding="utf-8", errors="backslashreplace",
-    )  # fmt: skip
+    text = "".join(
+        f"{name}\t{path}\t{reason}\n" for name, files in dropped.items() for path, reason in files
+    )
+    listing = atomic_write_bytes(
+        skipped_files_path(out), text.encode("utf-8", errors="backslashreplace")
+    )
     print(
         f"[evaluate] unreadable files dropped from their own split: {counts['train']} train, "
         f"{counts['test']} test (list: {listing})"

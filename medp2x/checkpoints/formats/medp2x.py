@@ -18,6 +18,7 @@ from medp2x.checkpoints.formats.common import (
     strip_uniform,
 )
 from medp2x.checkpoints.normalization import IMAGENET, plain_normalization
+from medp2x.run_folder import RUN_CONFIG, run_folder_of
 
 
 def detect(obj: Mapping) -> bool:
@@ -62,8 +63,8 @@ def _training_meta(obj: Mapping, path: Path) -> tuple[dict, list[str]]:
     """The run's header: in the checkpoint (``meta``), else the run's ``run_config.json``."""
     if isinstance(obj.get("meta"), Mapping):
         return dict(obj["meta"]), []
-    for folder in (path.parent, path.parent.parent):
-        config = folder / "run_config.json"
+    for folder in dict.fromkeys((path.parent, run_folder_of(path))):
+        config = folder / RUN_CONFIG
         if config.is_file():
             try:
                 meta = json.loads(config.read_text()).get("meta") or {}
