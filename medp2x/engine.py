@@ -953,7 +953,7 @@ def finish(trainer: PretrainEngine) -> RunSummary:
 
     run = trainer.pretraining
     cfg, out = run.cfg, run.out
-    encoder_path = run_folder.encoder_path(out)
+    encoder_path = out / run_folder.ENCODER
     if run.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_encoder(encoder_path, run.method.encoder.state_dict(), **run.meta)
@@ -1009,7 +1009,7 @@ def pretrain(
 
 
 def read_loss_rows(out: Path) -> list[dict]:
-    path = run_folder.loss_csv_path(out)
+    path = Path(out) / run_folder.LOSS_CSV
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -1055,7 +1055,7 @@ def write_run_config(
     record["amp"] = asdict(amp)
     record["meta"] = meta
     record["handlers"] = [describe_handler(h) for h in handlers]
-    atomic_write_text(run_folder.run_config_path(out), json.dumps(record, indent=2, default=str))
+    atomic_write_text(out / run_folder.RUN_CONFIG, json.dumps(record, indent=2, default=str))
 
 
 def describe_handler(handler: Any) -> dict:

@@ -34,26 +34,6 @@ def checkpoint_dir(out: str | Path) -> Path:
     return Path(out) / CHECKPOINTS
 
 
-def encoder_path(out: str | Path) -> Path:
-    return Path(out) / ENCODER
-
-
-def run_config_path(out: str | Path) -> Path:
-    return Path(out) / RUN_CONFIG
-
-
-def loss_csv_path(out: str | Path) -> Path:
-    return Path(out) / LOSS_CSV
-
-
-def seen_files_path(out: str | Path) -> Path:
-    return Path(out) / SEEN_FILES
-
-
-def skipped_files_path(out: str | Path) -> Path:
-    return Path(out) / SKIPPED_FILES
-
-
 def run_folder_of(weights: str | Path) -> Path:
     """The run folder a weights file belongs to: the folder above ``checkpoints/`` for a
     checkpoint, else the file's own folder (an ``encoder.pt``, or a file copied elsewhere)."""

@@ -20,7 +20,7 @@ from medp2x.data.paper import PaperDataset, eval_data_factory, get
 from medp2x.eval.compare import compare_encoders
 from medp2x.eval.convergence import convergence_figure
 from medp2x.eval.report import format_differences, format_table, write_results
-from medp2x.run_folder import skipped_files_path
+from medp2x.run_folder import SKIPPED_FILES
 
 logger = logging.getLogger("medp2x.evaluate")
 
@@ -137,7 +137,7 @@ def _report_dropped(dropped: dict[str, list], out: Path) -> dict[str, int]:
         f"{name}\t{path}\t{reason}\n" for name, files in dropped.items() for path, reason in files
     )
     listing = atomic_write_bytes(
-        skipped_files_path(out), text.encode("utf-8", errors="backslashreplace")
+        out / SKIPPED_FILES, text.encode("utf-8", errors="backslashreplace")
     )
     print(
         f"[evaluate] unreadable files dropped from their own split: {counts['train']} train, "
