@@ -183,6 +183,34 @@ def test_finetune_learns_and_leaves_the_callers_encoder_untouched():
         assert torch.equal(v, before[k]), k
 
 
+def test_one_settings_object_or_keyword_changes_run_the_same_evaluation():
+    from medp2x.eval.settings import EvalSettings
+
+    def tiny() -> dict:
+        torch.manual_seed(0)
+        return {"tiny": TinyEncoder()}
+
+    train, test = SyntheticImages(8, seed=0), SyntheticImages(4, seed=1)
+    settings = EvalSettings(
+        protocol=["knn", "linear"], draws=2, label_fraction=0.5, progress=False, bootstrap=0
+    )
+    by_object = compare_encoders(tiny(), train, test, settings=settings)
+    by_keyword = compare_encoders(
+        tiny(), train, test,
+        protocol=["knn", "linear"], draws=2, label_fraction=0.5, progress=False, bootstrap=0,
+    )  # fmt: skip
+    assert len(by_object) == 4  # 2 protocols x 2 draws
+    for a, b in zip(by_object, by_keyword, strict=True):
+        assert (a["protocol"], a["draw"], a["n_train"]) == (b["protocol"], b["draw"], b["n_train"])
+        assert a["accuracy"] == b["accuracy"] and a["selected"] == b["selected"]
+    changed = compare_encoders(tiny(), train, test, settings=settings, draws=1)
+    assert len(changed) == 2  # a keyword change on top of the object
+    with pytest.raises(TypeError, match="label_fracton"):
+        compare_encoders(tiny(), train, test, label_fracton=0.5)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        EvalSettings(protocol="svm")
+
+
 def test_default_finetune_trains_fixed_epochs_and_tests_the_final_model():
     torch.manual_seed(0)
     (row,) = compare_encoders(
