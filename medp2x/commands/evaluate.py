@@ -271,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
 def _named_encoders(specs: list[str], names: list[str]) -> dict[str, str]:
     """Display names: given ones first, then the file stem (or 'random'), made unique."""
     from medp2x.baselines import BASELINES
-    from medp2x.eval.encoders import encoder_name as _encoder_name
+    from medp2x.eval.encoders import encoder_name
 
     encoders: dict[str, str] = {}
     for i, spec in enumerate(specs):
@@ -280,7 +280,7 @@ def _named_encoders(specs: list[str], names: list[str]) -> dict[str, str]:
                 f"encoder {spec!r} does not exist (give a file, 'random' or one of "
                 f"{', '.join(BASELINES)})"
             )
-        base = names[i] if i < len(names) else _encoder_name(spec)
+        base = names[i] if i < len(names) else encoder_name(spec)
         name, n = base, 2
         while name in encoders:
             name, n = f"{base} ({n})", n + 1
