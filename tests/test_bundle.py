@@ -353,7 +353,9 @@ def test_bundle_runs_from_another_folder_with_nested_overrides_and_a_user_handle
         "--method_options", "{'temperature': 0.2}",
         "--train#extra_handlers", f"[{{'_target_': 'my_handlers.CountSteps', 'path': '{count}'}}]",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(elsewhere)}
+    # the user's folder first, then the code under test (not whatever copy is installed)
+    path = os.pathsep.join(filter(None, [str(elsewhere), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     result = subprocess.run(
         cmd, cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env
     )
