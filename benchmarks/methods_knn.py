@@ -32,18 +32,14 @@ from torch.utils.data import Subset
 from medp2x.baselines import build_baseline
 from medp2x.batchnorm import BN_STATS, recompute_bn_stats
 from medp2x.data.folder import ImageFolderDataset
+from medp2x.data.split import stratified_split
 from medp2x.engine import PretrainConfig, RunSummary, pretrain
-from medp2x.evaluate import (
-    EvalSettings,
-    compare_encoders,
-    convergence_figure,
-    dataset_labels,
-    extract_features,
-    list_checkpoints,
-    resolve_encoder,
-    stratified_split,
-    training_images,
-)
+from medp2x.eval.compare import compare_encoders
+from medp2x.eval.convergence import convergence_figure, list_checkpoints
+from medp2x.eval.encoders import resolve_encoder
+from medp2x.eval.features import extract_features, training_images
+from medp2x.eval.settings import EvalSettings
+from medp2x.eval.splits import dataset_labels
 from medp2x.methods import METHODS
 from medp2x.monitor import rankme
 

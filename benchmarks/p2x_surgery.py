@@ -11,7 +11,7 @@ on request (``--variants``). docs/surgery.md reads the results.
 
 Every encoder is scored by the parity benchmark's probe: one stratified 50/50 split of
 EuroSAT RGB (seed 0), the test half never pretrained on; a linear probe
-(``medp2x.evaluate.linear_probe`` on frozen features, L2 strength chosen on a stratified 10%
+(``medp2x.eval.protocols.linear.linear_probe`` on frozen features, L2 strength chosen on a stratified 10%
 of the training half) and kNN (k = 20, cosine); accuracy +- binomial standard error. Both with
 BN statistics as saved and re-averaged over the probe's training images (PreciseBN), since surgery
 rewrites the running statistics and a second stage moves them. Random inits (BN re-averaged)
@@ -52,12 +52,9 @@ from torch.utils.data import Dataset
 from medp2x.checkpoints import load_encoder
 from medp2x.data.folder import ImageFolderDataset
 from medp2x.engine import PretrainConfig, pretrain, read_loss_log
-from medp2x.evaluate import (
-    EvalSettings,
-    dataset_labels,
-    load_encoder_file,
-    resolve_encoder,
-)
+from medp2x.eval.encoders import load_encoder_file, resolve_encoder
+from medp2x.eval.settings import EvalSettings
+from medp2x.eval.splits import dataset_labels
 from medp2x.methods import recipe_for
 from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, NormalizedEncoder
 from medp2x.surgery import apply_surgery, conv_weights, filter_norms

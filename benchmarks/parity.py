@@ -55,11 +55,9 @@ from torch.utils.data import Subset
 from medp2x import __version__ as MEDP2X_VERSION
 from medp2x.baselines import build_baseline
 from medp2x.data.folder import ImageFolderDataset
-from medp2x.evaluate import (
-    EvalSettings,
-    dataset_labels,
-    resolve_encoder,
-)
+from medp2x.eval.encoders import resolve_encoder
+from medp2x.eval.settings import EvalSettings
+from medp2x.eval.splits import dataset_labels
 from medp2x.methods import METHODS, recipe_for
 from medp2x.networks import build_encoder, strided_convs_on_one_pixel
 

@@ -11,15 +11,11 @@ from torch import nn
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from medp2x.batchnorm import batch_norms, recompute_bn_stats
-from medp2x.evaluate import (
-    EvalSettings,
-    extract_features,
-    input_channels,
-    knn_scores,
-    linear_probe,
-    stratified_split,
-    training_images,
-)
+from medp2x.data.split import stratified_split
+from medp2x.eval.features import extract_features, input_channels, training_images
+from medp2x.eval.protocols.knn import knn_scores
+from medp2x.eval.protocols.linear import linear_probe
+from medp2x.eval.settings import EvalSettings
 from medp2x.monitor import rankme
 
 VAL_FRACTION = 0.1  # of the probe's training images, to choose its L2 strength

@@ -1,3 +1,5 @@
+"""``python -m medp2x``: the same command line as ``medp2x`` (``medp2x.cli``)."""
+
 import sys
 
 from medp2x.cli import main

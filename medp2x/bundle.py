@@ -162,9 +162,9 @@ def benchmark_reader(
     on_error: str = "skip",
     options: Mapping[str, Any] | None = None,
 ) -> BenchmarkReader:
-    """The pretraining reader of ``benchmark`` (``medp2x.data.benchmarks.dataset_factory``),
+    """The pretraining reader of ``benchmark`` (``medp2x.data.paper.dataset_factory``),
     its options given as one dict so a bundle can override them as one key."""
-    from medp2x.data.benchmarks import dataset_factory, get
+    from medp2x.data.paper import dataset_factory, get
 
     factory = dataset_factory(benchmark, max_samples, on_error, **(options or {}))
     return BenchmarkReader(factory, get(benchmark).modality, max_samples, on_error)
@@ -186,7 +186,7 @@ class BenchmarkReader:
         self.missing_data_hint = getattr(factory, "missing_data_hint", None)
 
     def __call__(self, data_dir: str | Path, image_size: int) -> Dataset:
-        from medp2x.data.benchmarks import limit, read_medical_images
+        from medp2x.data.paper import limit, read_medical_images
 
         try:
             return self.factory(data_dir, image_size)
@@ -218,7 +218,7 @@ def benchmark_eval_data(
 ) -> BenchmarkEvalData | None:
     """The benchmark's labelled train/test reader, or None where no labelled data are given
     (the job then uses ``eval_dir`` or skips the evaluation)."""
-    from medp2x.data.benchmarks import eval_data_factory
+    from medp2x.data.paper import eval_data_factory
 
     factory = eval_data_factory(
         benchmark, downstream_dir, data_dir, max_samples=max_samples, on_error=on_error,
@@ -292,8 +292,9 @@ def extract_features(
     import torch
 
     from medp2x.data.base import existing_path
-    from medp2x.evaluate import EvalSettings, resolve_encoder
-    from medp2x.evaluate import extract_features as features_of
+    from medp2x.eval.encoders import resolve_encoder
+    from medp2x.eval.features import extract_features as features_of
+    from medp2x.eval.settings import EvalSettings
 
     encoder_path = existing_path(encoder, "encoder")
     root = existing_path(data_dir, "data_dir")

@@ -32,7 +32,8 @@ from ignite.engine import DeterministicEngine, Engine, Events
 from ignite.handlers import Checkpoint
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from medp2x import __version__
+from medp2x import __version__, run_folder
+from medp2x.atomic import atomic_write, atomic_write_bytes, atomic_write_text
 from medp2x.data.collate import ImageBatch, PretrainCollate
 from medp2x.monitor import CollapseMonitor
 from medp2x.networks import (
@@ -639,7 +640,7 @@ class PretrainRun:
 
     @property
     def ckpt_dir(self) -> Path:
-        return self.out / "checkpoints"
+        return run_folder.checkpoint_dir(self.out)
 
     @property
     def has_first_stage(self) -> bool:
@@ -952,7 +953,7 @@ def train(trainer: PretrainEngine) -> None:
     trainer.run(run.loader, max_epochs=run.plan.epochs)
 
 
-SKIPPED_LIST = "skipped_files.txt"
+SKIPPED_LIST = run_folder.SKIPPED_FILES
 
 
 def skipped_files(dataset: Any) -> list[tuple[str, str]]:
@@ -981,10 +982,9 @@ def write_skipped_list(out: Path, skipped: list[tuple[str, str]]) -> Path | None
     if not skipped:
         listing.unlink(missing_ok=True)
         return None
-    out.mkdir(parents=True, exist_ok=True)
     text = "".join(f"{path}\t{reason}\n" for path, reason in skipped)
-    listing.write_text(text, encoding="utf-8", errors="backslashreplace")
-    return listing
+    data = text.encode("utf-8", errors="backslashreplace")
+    return atomic_write_bytes(listing, data)
 
 
 def finish(trainer: PretrainEngine) -> RunSummary:
@@ -994,7 +994,7 @@ def finish(trainer: PretrainEngine) -> RunSummary:
 
     run = trainer.pretraining
     cfg, out = run.cfg, run.out
-    encoder_path = out / "encoder.pt"
+    encoder_path = out / run_folder.ENCODER
     if run.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         save_encoder(encoder_path, run.method.encoder.state_dict(), **run.meta)
@@ -1050,7 +1050,7 @@ def pretrain(
 
 
 def read_loss_rows(out: Path) -> list[dict]:
-    path = Path(out) / "loss.csv"
+    path = Path(out) / run_folder.LOSS_CSV
     if not path.exists():
         return []
     with open(path, newline="") as f:
@@ -1058,10 +1058,15 @@ def read_loss_rows(out: Path) -> list[dict]:
 
 
 def write_loss_rows(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["iteration", "epoch", "loss", "spread"])
-        writer.writerows([r["iteration"], r["epoch"], r["loss"], r.get("spread", "")] for r in rows)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["iteration", "epoch", "loss", "spread"])
+            writer.writerows(
+                [r["iteration"], r["epoch"], r["loss"], r.get("spread", "")] for r in rows
+            )
+
+    atomic_write(path, write)
 
 
 def read_loss_log(out: Path) -> list[float]:
@@ -1092,7 +1097,7 @@ def write_run_config(
     record["amp"] = asdict(amp)
     record["meta"] = meta
     record["handlers"] = [describe_handler(h) for h in handlers]
-    (out / "run_config.json").write_text(json.dumps(record, indent=2, default=str))
+    atomic_write_text(out / run_folder.RUN_CONFIG, json.dumps(record, indent=2, default=str))
 
 
 def describe_handler(handler: Any) -> dict:

@@ -23,6 +23,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver, ProgressBar
 
+from medp2x.run_folder import LOSS_CSV
 from medp2x.surgery import DEFAULT_SCALE
 
 logger = logging.getLogger("medp2x.handlers")
@@ -159,7 +160,7 @@ class LossCSV:
             return
         out: Path = run.out
         out.mkdir(parents=True, exist_ok=True)
-        log_path = out / "loss.csv"
+        log_path = out / LOSS_CSV
 
         @engine.on(Events.STARTED)
         def truncate_log_to_resumed_iteration(e: Engine) -> None:

@@ -1,7 +1,7 @@
 """Encoders and small building blocks shared by every stage.
 
 The encoder is a torchvision ResNet with ``fc`` replaced by ``Identity``: that is the layout
-of every official SSL checkpoint (see ``checkpoints.py``), so weights move between stages and
+of every official SSL checkpoint (see ``medp2x.checkpoints``), so weights move between stages and
 tools without renaming. MONAI's ResNet is not used: its stride-1 stem is 3.6-5x slower on CPU
 and no public SSL checkpoint uses its key names.
 """

@@ -242,12 +242,8 @@ class P2XJob:
             why = getattr(self.make_eval_data, "skipped", None) or "no eval_dir given"
             print(f"[4/4] {why}: skipping the downstream evaluation")
             return []
-        from medp2x.evaluate import (
-            compare_encoders,
-            format_differences,
-            format_table,
-            write_results,
-        )
+        from medp2x.eval.compare import compare_encoders
+        from medp2x.eval.report import format_differences, format_table, write_results
 
         # Files, not modules: the evaluation then checks each run's seen-files record against
         # the test split (and refuses an encoder that was pretrained on a test image).
@@ -288,7 +284,8 @@ class P2XJob:
 
             from medp2x.data.base import existing_path
             from medp2x.data.folder import ImageFolderDataset
-            from medp2x.evaluate import dataset_labels, stratified_split
+            from medp2x.data.split import stratified_split
+            from medp2x.eval.splits import dataset_labels
 
             root = existing_path(self.eval_dir, "eval_dir")
             data = ImageFolderDataset(
@@ -401,6 +398,6 @@ def print_summary(job: P2XJob, report: dict) -> None:
 
 
 def _paired(rows: list[dict]) -> list[dict]:
-    from medp2x.evaluate import paired_differences
+    from medp2x.eval.report import paired_differences
 
     return paired_differences(rows) if rows else []

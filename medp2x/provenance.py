@@ -11,7 +11,7 @@ written, so the record carries no patient identifier; renaming or moving a file 
 run saw any test image (``count_test_overlap``). A P2X run also inherits the record of its first
 stage (``ssl_checkpoint``) when that was a medp2x run, so a test image seen by either stage
 counts. What hashes cannot see: derived data (PCam's test patches were cut from CAMELYON16's
-test slides, so pretraining on those slides is leakage with no shared file: docs/benchmarks.md).
+test slides, so pretraining on those slides is leakage with no shared file: docs/datasets.md).
 
 Cost: each source file is read once, streaming, on a few threads; a resumed run whose file
 listing (paths, sizes, modification times, itself only kept as one digest) is unchanged reuses
@@ -32,9 +32,12 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
+from medp2x.atomic import atomic_write_text
+from medp2x.run_folder import SEEN_FILES, run_folder_of
+
 logger = logging.getLogger("medp2x.provenance")
 
-RECORD_NAME = "seen_files.json"
+RECORD_NAME = SEEN_FILES
 FORMAT = "medp2x-seen-files/1"
 HASH_THREADS = 4  # file reads overlap; hashlib releases the GIL on large buffers
 
@@ -201,10 +204,7 @@ def record_seen_files(
             "unidentified_samples": inherited.get("unidentified_samples", 0),
         }
     record["sha256"] = sorted(seen)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=0))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=0))
     if keys.unidentified:
         logger.warning(
             "%s: %d of %d samples come from a dataset type whose files cannot be identified; "
@@ -231,8 +231,8 @@ def find_record(encoder: str | Path | None) -> Path | None:
     path = Path(encoder)
     if not path.is_file():
         return None
-    for folder in (path.parent, path.parent.parent if path.parent.name == "checkpoints" else None):
-        if folder is not None and (folder / RECORD_NAME).is_file():
+    for folder in dict.fromkeys((path.parent, run_folder_of(path))):
+        if (folder / RECORD_NAME).is_file():
             return folder / RECORD_NAME
     return None
 

@@ -5,7 +5,8 @@ norm > 1) and a few dead filters (norm < 0.1). Before pretraining them again on 
 the paper (1) divides every conv weight followed by BatchNorm by √s, where s is its Frobenius
 norm when s > 1, and compensates in BN (running mean /√s, running variance /s², γ /√s) so the
 eval-mode function is unchanged; (2) replaces each dead filter with a copy of a random live
-filter of the same layer. There is no reference code; ``docs/surgery.md`` explains each choice.
+filter of the same layer. There is no reference code; ``docs/surgery.md`` explains each choice. What surgery did is
+described, tabulated, written and plotted by ``medp2x.surgery_report``.
 
 Choices where the paper is silent (all options, documented defaults):
 - ``scale="per_filter"`` (default) uses one s per output channel, the unit Fig. 1 counts and
@@ -28,14 +29,10 @@ Choices where the paper is silent (all options, documented defaults):
 
 from __future__ import annotations
 
-import csv
 import logging
-import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
 
@@ -45,6 +42,9 @@ from ignite.engine import Engine, Events
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
+
+from medp2x.run_folder import SURGERY_CSV, SURGERY_PNG
+from medp2x.surgery_report import LayerChange, SurgeryReport
 
 logger = logging.getLogger("medp2x.surgery")
 
@@ -180,112 +180,6 @@ def norm_stats(
 def pooled_norms(norms: Mapping[str, torch.Tensor]) -> np.ndarray:
     """Every filter's norm, pooled over layers: one series of the Fig. 1 histogram."""
     return torch.cat(list(norms.values())).numpy()
-
-
-def stats_table(stats: Sequence[LayerStats]) -> str:
-    """Markdown table of one set of statistics (``medp2x inspect``)."""
-    header = "| layer | filters | > 1 | < 0.1 | min | median | max |\n|---|---:|---:|---:|---:|---:|---:|"
-    lines = [
-        f"| {s.layer} | {s.filters} | {s.frac_above:.1%} | {s.frac_dead:.2%} | {s.min:.3g} | {s.median:.3g} | {s.max:.3g} |"
-        for s in stats
-    ]
-    return "\n".join([header, *lines])
-
-
-# ---------------------------------------------------------------------------------- report
-@dataclass
-class LayerChange:
-    """What surgery did to one conv/BN pair."""
-
-    layer: str
-    scale: float | None = None  # s used (per_filter: the largest); None when not scaled
-    scaled_filters: int = 0
-    dead: list[int] = field(default_factory=list)  # dead filter indices (norm < dead_threshold)
-    sources: list[int] = field(default_factory=list)  # copy: live source per replaced filter
-    replaced: int = 0
-
-
-@dataclass
-class SurgeryReport:
-    """Before/after filter-norm statistics and the per-layer changes of one surgery."""
-
-    options: dict
-    before: list[LayerStats]
-    after: list[LayerStats]
-    changes: list[LayerChange]
-    norms_before: np.ndarray = field(repr=False)
-    norms_after: np.ndarray = field(repr=False)
-
-    @property
-    def n_dead(self) -> int:
-        return sum(len(c.dead) for c in self.changes)
-
-    @property
-    def n_replaced(self) -> int:
-        return sum(c.replaced for c in self.changes)
-
-    @property
-    def n_scaled_layers(self) -> int:
-        return sum(c.scale is not None for c in self.changes)
-
-    def summary(self) -> str:
-        b, a = self.before[-1], self.after[-1]
-        opts = ", ".join(f"{k}={v}" for k, v in self.options.items())
-        return (
-            f"weight surgery ({opts}): {len(self.changes)} conv/BN layers, {b.filters} filters; "
-            f"scaled {self.n_scaled_layers} layers; {self.n_dead} dead filters, {self.n_replaced} replaced; "
-            f"norm > 1: {b.frac_above:.1%} -> {a.frac_above:.1%}, < 0.1: {b.frac_dead:.2%} -> {a.frac_dead:.2%}, "
-            f"median {b.median:.3g} -> {a.median:.3g}"
-        )
-
-    def rows(self) -> list[dict]:
-        """Long format (one row per layer and stage), as written to CSV."""
-        changes = {c.layer: c for c in self.changes}
-        out = []
-        for stage, stats in (("before", self.before), ("after", self.after)):
-            for s in stats:
-                change = changes.get(s.layer)
-                out.append(
-                    {
-                        "stage": stage,
-                        **asdict(s),
-                        "scale": "" if change is None or change.scale is None else change.scale,
-                        "dead": len(change.dead) if change else self.n_dead,
-                        "replaced": change.replaced if change else self.n_replaced,
-                    }
-                )
-        return out
-
-    def to_markdown(self) -> str:
-        """One row per layer; statistics shown as ``before → after``."""
-        changes = {c.layer: c for c in self.changes}
-        header = (
-            "| layer | filters | s | replaced | > 1 | < 0.1 | min | median | max |\n"
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-        )
-        lines = []
-        for b, a in zip(self.before, self.after, strict=True):
-            change = changes.get(b.layer)
-            s = "" if change is None or change.scale is None else f"{change.scale:.3g}"
-            replaced = change.replaced if change else self.n_replaced
-            lines.append(
-                f"| {b.layer} | {b.filters} | {s} | {replaced} | {b.frac_above:.1%} → {a.frac_above:.1%} | "
-                f"{b.frac_dead:.2%} → {a.frac_dead:.2%} | {b.min:.3g} → {a.min:.3g} | "
-                f"{b.median:.3g} → {a.median:.3g} | {b.max:.3g} → {a.max:.3g} |"
-            )
-        return "\n".join([header, *lines])
-
-    def __str__(self) -> str:
-        return f"{self.summary()}\n\n{self.to_markdown()}"
-
-    def write_csv(self, path: str | Path) -> Path:
-        return write_csv(self.rows(), path)
-
-    def plot(self, path: str | Path, title: str | None = None) -> Path:
-        series = {"before surgery": self.norms_before, "after surgery": self.norms_after}
-        return plot_filter_norms(
-            series, path, title=title or "Filter norms before and after weight surgery"
-        )
 
 
 # --------------------------------------------------------------------------------- surgery
@@ -456,90 +350,6 @@ def apply_surgery(
     )
 
 
-# ---------------------------------------------------------------------------------- output
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Run ``write(tmp_path)`` then rename over ``path``: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_csv(rows: Sequence[Mapping], path: str | Path) -> Path:
-    if not rows:
-        raise ValueError(f"{path}: no rows to write")
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return atomic_write(path, write)
-
-
-def plot_filter_norms(
-    series: Mapping[str, np.ndarray],
-    path: str | Path,
-    threshold: float = 1.0,
-    dead_threshold: float = 0.1,
-    title: str = "Frobenius norms of convolution filters",
-) -> Path:
-    """The paper's Fig. 1: distribution of per-filter norms, log x, one line per checkpoint.
-
-    Uses the object-oriented matplotlib API with the Agg canvas, so it works headless and
-    never switches the caller's pyplot backend.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    if not series:
-        raise ValueError("nothing to plot")
-    floor = 1e-4  # exact zeros (all-zero filters) cannot sit on a log axis
-    clipped = {name: np.clip(np.asarray(v, dtype=float), floor, None) for name, v in series.items()}
-    low = min(v.min() for v in clipped.values())
-    high = max(v.max() for v in clipped.values())
-    bins = np.logspace(math.log10(low) - 0.05, math.log10(high) + 0.05, 61)
-    fig = Figure(figsize=(7, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, norms in clipped.items():
-        above, dead = (norms > threshold).mean(), (norms < dead_threshold).mean()
-        label = f"{name} ({above:.0%} > {threshold:g}, {dead:.2%} < {dead_threshold:g})"
-        ax.hist(
-            norms,
-            bins=bins,
-            weights=np.full(len(norms), 100 / len(norms)),
-            histtype="step",
-            lw=1.5,
-            label=label,
-        )
-    for x in (dead_threshold, threshold):
-        ax.axvline(x, color="grey", ls="--", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel(
-        "Frobenius norm of filter"
-        + (f" (values < {floor:g} drawn at {floor:g})" if low <= floor else "")
-    )
-    ax.set_ylabel("% of filters")
-    ax.set_title(title)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    return atomic_write(
-        path, lambda tmp: fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png")
-    )
-
-
 # ---------------------------------------------------------------------------------- ignite
 class SurgeryHandler:
     """Applies weight surgery when a fresh second-stage run starts, never on resume.
@@ -589,8 +399,8 @@ class SurgeryHandler:
         )
         logger.info("%s", self.report)
         if self.output_dir is not None and _is_main_process():
-            self.report.write_csv(self.output_dir / "surgery_report.csv")
-            self.report.plot(self.output_dir / "surgery_norms.png")
+            self.report.write_csv(self.output_dir / SURGERY_CSV)
+            self.report.plot(self.output_dir / SURGERY_PNG)
         if self.after is not None:
             self.after()
 

@@ -8,7 +8,8 @@ import torch
 
 from medp2x.baselines import ColourHistogram, TinyImage, build_baseline
 from medp2x.commands.evaluate import _named_encoders
-from medp2x.evaluate import compare_encoders, resolve_encoder
+from medp2x.eval.compare import compare_encoders
+from medp2x.eval.encoders import resolve_encoder
 
 
 def test_colour_histogram_bins_are_exact_and_unit_norm():

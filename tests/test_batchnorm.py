@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from medp2x.batchnorm import recompute_bn_stats
-from medp2x.evaluate import compare_encoders
+from medp2x.eval.compare import compare_encoders
 
 
 def test_statistics_are_the_average_of_the_batch_statistics():

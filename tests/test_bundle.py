@@ -353,7 +353,9 @@ def test_bundle_runs_from_another_folder_with_nested_overrides_and_a_user_handle
         "--method_options", "{'temperature': 0.2}",
         "--train#extra_handlers", f"[{{'_target_': 'my_handlers.CountSteps', 'path': '{count}'}}]",
     ]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(elsewhere)}
+    # the user's folder first, then the code under test (not whatever copy is installed)
+    path = os.pathsep.join(filter(None, [str(elsewhere), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
     result = subprocess.run(
         cmd, cwd=elsewhere, capture_output=True, text=True, timeout=600, env=env
     )
@@ -405,7 +407,9 @@ def test_inference_bundle_writes_features_without_paths(tmp_path):
     from monai.bundle import run
 
     from medp2x.checkpoints import save_encoder
-    from medp2x.evaluate import EvalSettings, extract_features, resolve_encoder
+    from medp2x.eval.encoders import resolve_encoder
+    from medp2x.eval.features import extract_features
+    from medp2x.eval.settings import EvalSettings
     from medp2x.networks import build_encoder
 
     torch.manual_seed(0)

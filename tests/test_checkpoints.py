@@ -560,7 +560,7 @@ def test_medp2x_encoder_file(source, files):
     path = files / "encoder.pt"
     normalization = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}
     save_encoder(path, source["backbone"], "resnet50", 3, normalization, method="swav")
-    assert not list(files.glob(".*.tmp"))
+    assert not list(files.glob(".encoder.pt.*"))  # no temporary file left by the atomic write
     header = torch.load(path, weights_only=True)["medp2x"]
     assert (
         header["arch"] == "resnet50" and header["method"] == "swav" and header["in_channels"] == 3

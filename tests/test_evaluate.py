@@ -14,19 +14,14 @@ from torch import nn
 
 from medp2x import cli
 from medp2x.data.npz import NpzDataset
-from medp2x.evaluate import (
-    checkpoint_progress,
-    compare_encoders,
-    convergence_figure,
-    fit_logistic,
-    format_table,
-    knn_scores,
-    linear_probe,
-    low_label_draws,
-    plan_draws,
-    stratified_split,
-    write_results,
-)
+from medp2x.data.split import stratified_split
+from medp2x.eval.compare import compare_encoders
+from medp2x.eval.convergence import convergence_figure
+from medp2x.eval.encoders import checkpoint_progress
+from medp2x.eval.protocols.knn import knn_scores
+from medp2x.eval.protocols.linear import fit_logistic, linear_probe
+from medp2x.eval.report import format_table, write_results
+from medp2x.eval.splits import low_label_draws, plan_draws
 from medp2x.networks import NormalizedEncoder, build_encoder
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -104,7 +99,7 @@ def test_knn_and_linear_probe_separate_separable_features():
     train, val, test = _clusters(20, seed=0), _clusters(10, seed=1), _clusters(10, seed=2)
     scores = knn_scores(*train, test[0], 3, k=5)
     assert (scores.argmax(1) == test[1]).float().mean().item() == 1.0
-    from medp2x.evaluate import EvalSettings
+    from medp2x.eval.settings import EvalSettings
 
     metrics, info = linear_probe(train, val, test, 3, EvalSettings())
     assert metrics["accuracy"] == 1.0 and metrics["macro_f1"] == 1.0
@@ -186,6 +181,34 @@ def test_finetune_learns_and_leaves_the_callers_encoder_untouched():
     assert rows[0]["n_select"] == 20 and "outside the label budget" in rows[0]["val_source"]
     for k, v in encoder.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_one_settings_object_or_keyword_changes_run_the_same_evaluation():
+    from medp2x.eval.settings import EvalSettings
+
+    def tiny() -> dict:
+        torch.manual_seed(0)
+        return {"tiny": TinyEncoder()}
+
+    train, test = SyntheticImages(8, seed=0), SyntheticImages(4, seed=1)
+    settings = EvalSettings(
+        protocol=["knn", "linear"], draws=2, label_fraction=0.5, progress=False, bootstrap=0
+    )
+    by_object = compare_encoders(tiny(), train, test, settings=settings)
+    by_keyword = compare_encoders(
+        tiny(), train, test,
+        protocol=["knn", "linear"], draws=2, label_fraction=0.5, progress=False, bootstrap=0,
+    )  # fmt: skip
+    assert len(by_object) == 4  # 2 protocols x 2 draws
+    for a, b in zip(by_object, by_keyword, strict=True):
+        assert (a["protocol"], a["draw"], a["n_train"]) == (b["protocol"], b["draw"], b["n_train"])
+        assert a["accuracy"] == b["accuracy"] and a["selected"] == b["selected"]
+    changed = compare_encoders(tiny(), train, test, settings=settings, draws=1)
+    assert len(changed) == 2  # a keyword change on top of the object
+    with pytest.raises(TypeError, match="label_fracton"):
+        compare_encoders(tiny(), train, test, label_fracton=0.5)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        EvalSettings(protocol="svm")
 
 
 def test_default_finetune_trains_fixed_epochs_and_tests_the_final_model():
@@ -610,7 +633,7 @@ def test_cli_on_image_folder(tmp_path):
 
 def test_path_encoder_loads_through_checkpoints(tmp_path):
     pytest.importorskip("medp2x.checkpoints")
-    from medp2x.evaluate import resolve_encoder
+    from medp2x.eval.encoders import resolve_encoder
     from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD
 
     torch.manual_seed(0)
@@ -643,7 +666,7 @@ def test_monai_bundle_runs_the_evaluation(tmp_path):
     _write_npz(tmp_path / "set.npz")
     config = {
         "evaluate": {
-            "_target_": "medp2x.evaluate.run_evaluation",
+            "_target_": "medp2x.eval.run.run_evaluation",
             "data": str(tmp_path / "set.npz"),
             "encoders": {"Random": "random"},
             "out_dir": str(tmp_path / "bundle_out"),
@@ -659,7 +682,7 @@ def test_monai_bundle_runs_the_evaluation(tmp_path):
 
 
 def test_load_run_encoder_reads_engine_checkpoints_with_run_settings(tmp_path):
-    from medp2x.evaluate import resolve_encoder as load_run_encoder
+    from medp2x.eval.encoders import resolve_encoder as load_run_encoder
 
     torch.manual_seed(0)
     reference = build_encoder("resnet18", in_channels=1).eval()

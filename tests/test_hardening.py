@@ -203,10 +203,11 @@ def test_bad_test_file_is_dropped_from_its_own_split_never_replaced_across(tmp_p
 
 
 def test_benchmark_test_split_drops_its_bad_file_and_the_table_says_so(tmp_path):
-    from test_benchmarks import make_busi
+    from test_paper_datasets import make_busi
 
-    from medp2x.data.benchmarks import _note_test_split, _report_dropped, eval_data_factory, get
-    from medp2x.evaluate import dataset_labels
+    from medp2x.data.paper import eval_data_factory, get
+    from medp2x.eval.paper import _note_test_split, _report_dropped
+    from medp2x.eval.splits import dataset_labels
 
     make_busi(tmp_path / "Dataset_BUSI_with_GT")
     _, test = eval_data_factory("us", data_dir=tmp_path)()

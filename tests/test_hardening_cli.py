@@ -210,7 +210,7 @@ class RunsCode:
 def test_poisoned_checkpoint_is_refused_without_advice_to_load_it_unsafely(
     tmp_path, capsys, reader
 ):
-    from medp2x.evaluate import read_run_checkpoint
+    from medp2x.eval.encoders import read_run_checkpoint
     from medp2x.recovery import why_unloadable
 
     path = tmp_path / "checkpoint_4.pt"

@@ -16,16 +16,17 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from medp2x import cli
-from medp2x import evaluate as evaluation
-from medp2x.data import benchmarks
+from medp2x.data import paper
 from medp2x.data.folder import ImageFolderDataset
+from medp2x.eval import run as evaluation
+from medp2x.eval.leakage import check_test_overlap
 from medp2x.networks import build_encoder
 
 
 def make_eurosat(root: Path, per_class: int = 5, size: int = 12) -> Path:
     """A tiny EuroSAT-layout folder: the ten class folders, distinct random JPEG-free PNGs."""
     rng = np.random.default_rng(0)
-    for name in benchmarks.EUROSAT_CLASSES:
+    for name in paper.EUROSAT_CLASSES:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
@@ -51,7 +52,7 @@ def test_held_out_test_split_is_the_datasets_not_the_seeds(tmp_path, monkeypatch
             data, {"Random": "random"}, tmp_path / f"out{seed}", protocol="knn", image_size=8,
             seed=seed, progress=False, arch="resnet18",
         )  # fmt: skip
-    _, registry_test = benchmarks.eval_data_factory("satellite", data_dir=data)()
+    _, registry_test = paper.eval_data_factory("satellite", data_dir=data)()
     registry = sorted(str(registry_test.dataset.items[i][0]) for i in registry_test.indices)
     assert seen_tests[0] == seen_tests[1] == registry
 
@@ -140,14 +141,14 @@ def test_clean_run_and_inherited_first_stage(tmp_path):
     from medp2x.provenance import find_record, read_record
 
     data = make_eurosat(tmp_path / "data", per_class=5)
-    pretraining = benchmarks.dataset_factory("satellite")(data, 8)  # the registry's 80 %
+    pretraining = paper.dataset_factory("satellite")(data, 8)  # the registry's 80 %
     clean = _run_with_record(tmp_path / "clean", pretraining)
-    train, test = benchmarks.eval_data_factory("satellite", data_dir=data)()
-    overlaps = evaluation.check_test_overlap({"P2X": clean, "Random": "random"}, test)
+    train, test = paper.eval_data_factory("satellite", data_dir=data)()
+    overlaps = check_test_overlap({"P2X": clean, "Random": "random"}, test)
     assert overlaps["P2X"].seen == 0 and overlaps["P2X"].test_images == 10
     # a second stage from a first stage that saw the test images inherits them
     first = _run_with_record(tmp_path / "stage1", ImageFolderDataset(data))
     second = _run_with_record(tmp_path / "p2x", pretraining, first_stage=first)
     assert read_record(find_record(second))["first_stage"]["hashes"] == 50
     with pytest.raises(ValueError, match="'P2X': its pretraining run saw 10 of the 10 test"):
-        evaluation.check_test_overlap({"P2X": second}, test)
+        check_test_overlap({"P2X": second}, test)

@@ -18,7 +18,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from medp2x.evaluate import NORMALIZATIONS, PROTOCOLS, SELECTIONS
+from medp2x.eval.settings import NORMALIZATIONS, PROTOCOLS, SELECTIONS
 from medp2x.metrics import METRICS
 
 
@@ -177,14 +177,9 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from medp2x.evaluate import (
-        convergence_figure,
-        format_differences,
-        format_table,
-        load_datasets,
-        run_evaluation,
-        write_results,
-    )
+    from medp2x.eval.convergence import convergence_figure
+    from medp2x.eval.report import format_differences, format_table, write_results
+    from medp2x.eval.run import load_datasets, run_evaluation
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not args.encoder and not args.series:
@@ -276,7 +271,7 @@ def main(args: argparse.Namespace) -> int:
 def _named_encoders(specs: list[str], names: list[str]) -> dict[str, str]:
     """Display names: given ones first, then the file stem (or 'random'), made unique."""
     from medp2x.baselines import BASELINES
-    from medp2x.evaluate import _encoder_name
+    from medp2x.eval.encoders import encoder_name
 
     encoders: dict[str, str] = {}
     for i, spec in enumerate(specs):
@@ -285,7 +280,7 @@ def _named_encoders(specs: list[str], names: list[str]) -> dict[str, str]:
                 f"encoder {spec!r} does not exist (give a file, 'random' or one of "
                 f"{', '.join(BASELINES)})"
             )
-        base = names[i] if i < len(names) else _encoder_name(spec)
+        base = names[i] if i < len(names) else encoder_name(spec)
         name, n = base, 2
         while name in encoders:
             name, n = f"{base} ({n})", n + 1

@@ -61,11 +61,9 @@ def run(args: argparse.Namespace) -> int:
         conv_weights_from_state_dict,
         layer_norms,
         norm_stats,
-        plot_filter_norms,
         pooled_norms,
-        stats_table,
-        write_csv,
     )
+    from medp2x.surgery_report import plot_filter_norms, stats_table, write_csv
 
     rows, series = [], {}
     for path, name in zip(args.checkpoints, series_names(args.checkpoints), strict=True):

@@ -21,15 +21,13 @@ import argparse
 import logging
 import math
 import sys
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("auto", "wsi", "dicom", "nifti", "folder")
-WSI_ONLY = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif", ".czi")
-FOLDER_IMAGES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
-DICOM_FILES = (".dcm", ".dicom", ".dic", ".ima")  # as medp2x.data.dicom.DICOM_SUFFIXES
-PROBES = 20  # files whose content is read to tell tiled slides / DICOM without extension
+from medp2x.data.readers import KINDS as READER_KINDS
+
+KINDS = ("auto", *READER_KINDS)
 
 
 def register(subparsers) -> None:
@@ -98,7 +96,9 @@ def detect_kind(path: Path) -> tuple[str, str]:
     if path.is_file() and path.suffix.lower() == ".csv":
         return "folder", "CSV manifest"
     files = [path] if path.is_file() else _visible_files(path)
-    counts = Counter(k for k in _kinds_of(files) if k)
+    from medp2x.data.readers import count_kinds
+
+    counts = count_kinds(files)
     if not counts:
         raise ValueError(f"no image, slide, DICOM or NIfTI files found under {path}")
     kind, _ = counts.most_common(1)[0]
@@ -116,72 +116,18 @@ def _visible_files(root: Path) -> list[Path]:
     )
 
 
-def _kinds_of(files: list[Path]) -> list[str | None]:
-    import openslide
-
-    probes: dict[str, int] = defaultdict(int)
-    tiff_votes: list[bool] = []
-    dicom_dirs: dict[Path, str] = {}
-    kinds: list[str | None] = []
-    for f in files:
-        name, suffix = f.name.lower(), f.suffix.lower()
-        if name.endswith((".nii", ".nii.gz")):
-            kinds.append("nifti")
-        elif suffix in WSI_ONLY:
-            kinds.append("wsi")
-        elif suffix in (".tif", ".tiff"):
-            if len(tiff_votes) < PROBES:  # tiled (pyramidal) TIFFs are slides, others images
-                tiff_votes.append(openslide.OpenSlide.detect_format(str(f)) is not None)
-            kinds.append("tiff")
-        elif suffix in DICOM_FILES:
-            if f.parent not in dicom_dirs:  # one folder of instances is one DICOM-WSI slide
-                is_wsi = openslide.OpenSlide.detect_format(str(f)) == "dicom"
-                dicom_dirs[f.parent] = "wsi" if is_wsi else "dicom"
-            kinds.append(dicom_dirs[f.parent])
-        elif suffix in FOLDER_IMAGES:
-            kinds.append("folder")
-        elif suffix == "" and probes["dicom"] < PROBES * 10:
-            probes["dicom"] += 1
-            kinds.append("dicom" if _has_dicom_preamble(f) else None)
-        else:
-            kinds.append(None)
-    tiff_kind = "wsi" if tiff_votes and sum(tiff_votes) * 2 > len(tiff_votes) else "folder"
-    return [tiff_kind if k == "tiff" else k for k in kinds]
-
-
-def _has_dicom_preamble(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:132] == b"DICM"
-    except OSError:
-        return False
-
-
 def open_dataset(kind: str, path: Path, args: argparse.Namespace):
-    """The run's reader for ``kind``, in skip mode so every bad file gets reported."""
-    if kind == "wsi":
-        from medp2x.data.wsi import WSITileDataset
+    """The run's reader for ``kind`` (``medp2x.data.readers``), in skip mode so every bad file
+    gets reported."""
+    from medp2x.data.readers import open_reader
 
-        return WSITileDataset(
-            path, tile_size=args.tile_size, mpp=args.mpp, min_tissue=args.min_tissue,
-            on_error="skip", allow_empty=True,
-        )  # fmt: skip
-    if kind == "folder":
-        from medp2x.data.folder import CSVManifestDataset, ImageFolderDataset
-
-        if path.is_file() and path.suffix.lower() == ".csv":
-            return CSVManifestDataset(path, on_error="skip")
-        return ImageFolderDataset(path, on_error="skip")
-    if kind == "dicom":
-        from medp2x.data.dicom import DicomDataset
-
-        modalities = args.modalities.split(",") if args.modalities else None
-        return DicomDataset(path, modalities=modalities, on_error="skip")
-    if kind == "nifti":
-        from medp2x.data.nifti import NiftiSliceDataset
-
-        return NiftiSliceDataset(path, mask=args.mask, on_error="skip")
-    raise ValueError(f"unknown kind {kind!r} (one of {', '.join(KINDS)})")
+    options = {
+        "wsi": {"tile_size": args.tile_size, "mpp": args.mpp, "min_tissue": args.min_tissue,
+                "allow_empty": True},
+        "dicom": {"modalities": args.modalities.split(",") if args.modalities else None},
+        "nifti": {"mask": args.mask},
+    }  # fmt: skip
+    return open_reader(kind, path, on_error="skip", **options.get(kind, {}))
 
 
 # ---------------------------------------------------------------------- reading

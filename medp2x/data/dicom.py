@@ -40,6 +40,7 @@ from pydicom.pixels import (
 from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from torch.utils.data import Dataset as TorchDataset
 
+from medp2x.atomic import atomic_write_text
 from medp2x.data.base import (
     OnError,
     SkipLog,
@@ -54,10 +55,10 @@ from medp2x.data.base import (
     walk_tree,
 )
 from medp2x.data.intensity import percentile_window, scale_to_unit, to_sample_tensor
+from medp2x.data.readers import DICOM_SUFFIXES
 
 logger = logging.getLogger("medp2x.data.dicom")
 
-DICOM_SUFFIXES = (".dcm", ".dicom", ".dic", ".ima")
 WINDOWS = ("voi", "minmax", "percentile")
 X_RAY_AND_US = ("CR", "DX", "MG", "RF", "XA", "US")
 INDEX_CACHE_VERSION = 1
@@ -681,8 +682,4 @@ def _load_index_cache(path: str | Path | None) -> dict:
 
 def _save_index_cache(path: str | Path, files: dict[str, dict]) -> None:
     """Written atomically (temp file + rename) so an interrupted run leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps({"version": INDEX_CACHE_VERSION, "files": files}))
-    os.replace(temporary, path)
+    atomic_write_text(path, json.dumps({"version": INDEX_CACHE_VERSION, "files": files}))

@@ -39,10 +39,11 @@ from medp2x.data.base import (
     resize_to,
     walk_tree,
 )
+from medp2x.data.readers import IMAGE_SUFFIXES
 
 logger = logging.getLogger("medp2x.data")
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = IMAGE_SUFFIXES  # the folder reader's suffixes (medp2x.data.readers)
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)  # ITU-R BT.601, as PIL's "L"
 
 

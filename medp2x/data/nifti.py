@@ -43,10 +43,10 @@ from medp2x.data.base import (
     walk_tree,
 )
 from medp2x.data.intensity import percentile_window, scale_to_unit, to_sample_tensor
+from medp2x.data.readers import NIFTI_SUFFIXES
 
 logger = logging.getLogger("medp2x.data.nifti")
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 FOREGROUND_RULES = ("robust", "otsu", "nonzero")
 AUGMENTATION_PROFILES = ("light", "strong")
 MaskRule = str | Path | Sequence[str] | None

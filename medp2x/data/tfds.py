@@ -81,7 +81,7 @@ class TFDSDataset(Dataset):
     ``label_key`` names the record field used as the class (``None``: unlabelled, -1).
     ``max_samples`` keeps the first records only; TFDS shuffles records when it prepares a
     dataset, so they are a random subset. Labels are read sample by sample (a label-only
-    decoder needs TensorFlow), so ``medp2x.evaluate`` reads them once per split.
+    decoder needs TensorFlow), so ``medp2x.eval`` reads them once per split.
     ``image_size`` and ``resize`` size the images (``base.resize_to``; ``"cap"`` for
     pretraining keeps each photograph's own aspect and resolution up to that shorter side).
     """

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from medp2x.atomic import atomic_write
 from medp2x.data.base import (
     SkipLog,
     SkipUnreadable,
@@ -42,14 +42,12 @@ from medp2x.data.base import (
     handle_bad_file,
     walk_tree,
 )
+from medp2x.data.readers import TIFF_SUFFIXES, WSI_SUFFIXES
 from medp2x.data.tissue import TISSUE_MODES, tile_fractions, tissue_mask
 
 logger = logging.getLogger("medp2x.data")
 
-WSI_EXTENSIONS = (
-    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
-    ".czi", ".dcm",
-)  # fmt: skip
+WSI_EXTENSIONS = (*WSI_SUFFIXES, *TIFF_SUFFIXES, ".dcm")  # tiled TIFFs and DICOM-WSI too
 INDEX_VERSION = 1  # bump when the tiling or tissue algorithm changes: old caches are ignored
 MAX_MASK_SIDE = 2048  # tissue masks are computed on at most this many pixels a side
 MPP_TOLERANCE = 0.02  # 0.499 mpp counts as 0.5: read without resampling
@@ -206,12 +204,13 @@ class WSITileDataset(SkipUnreadable, Dataset):
             "level_count": info.level_count, "level": info.level, "read_size": info.read_size,
             "mpp": info.mpp, "background": list(info.background),
         }  # fmt: skip
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
         target = self._cache_file(info.name, key)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:  # written whole, then renamed: never half a cache
-            np.savez(handle, key=key, meta=json.dumps(meta), xy=info.xy, tissue=info.tissue)
-        os.replace(tmp, target)
+
+        def write(tmp: str) -> None:  # written whole, then renamed: never half a cache
+            with open(tmp, "wb") as handle:
+                np.savez(handle, key=key, meta=json.dumps(meta), xy=info.xy, tissue=info.tissue)
+
+        atomic_write(target, write)
 
     def _empty_reason(self) -> str:
         if not self.slides:
@@ -527,23 +526,22 @@ def write_pyramidal_tiff(
         raise ValueError(f"need an H x W x 3 uint8 image, got {rgb.dtype} {rgb.shape}")
     if tile % 16 or tile <= 0:
         raise ValueError(f"TIFF tiles must be a positive multiple of 16, not {tile}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    image = rgb
-    with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as writer:
-        for i in range(max(1, levels)):
-            pixels_per_cm = 1e4 / (mpp * 2**i)
-            writer.write(
-                image, tile=(tile, tile), photometric="rgb", compression="zlib",
-                subfiletype=0 if i == 0 else 1, resolution=(pixels_per_cm, pixels_per_cm),
-                resolutionunit="CENTIMETER", metadata=None,
-            )  # fmt: skip
-            if min(image.shape[:2]) < 2:
-                break
-            image = np.asarray(Image.fromarray(image).reduce(2))
-    os.replace(tmp, path)
-    return path
+
+    def write(tmp: str) -> None:
+        image = rgb
+        with tifffile.TiffWriter(tmp, bigtiff=rgb.nbytes > 2**31) as writer:
+            for i in range(max(1, levels)):
+                pixels_per_cm = 1e4 / (mpp * 2**i)
+                writer.write(
+                    image, tile=(tile, tile), photometric="rgb", compression="zlib",
+                    subfiletype=0 if i == 0 else 1, resolution=(pixels_per_cm, pixels_per_cm),
+                    resolutionunit="CENTIMETER", metadata=None,
+                )  # fmt: skip
+                if min(image.shape[:2]) < 2:
+                    break
+                image = np.asarray(Image.fromarray(image).reduce(2))
+
+    return atomic_write(path, write)
 
 
 def describe_slides(infos: Iterable[SlideIndex]) -> list[str]:

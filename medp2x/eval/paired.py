@@ -21,6 +21,7 @@ the classes present in the resample, as ``sklearn.metrics.balanced_accuracy_scor
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,3 +112,43 @@ def _metric_differences(
 
 
 __all__ = ["METRICS", "Interval", "paired_bootstrap"]
+
+
+def add_intervals(
+    rows: list[dict],
+    predictions: Mapping[tuple[str, str], Sequence[np.ndarray]],
+    test_labels: np.ndarray,
+    references: Sequence[str],
+    n_boot: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> None:
+    """Add to every row its encoder's bootstrap interval (``accuracy_low`` ...) and, per
+    reference R, the paired difference ``accuracy_diff_vs_R`` with ``_low``, ``_high`` and
+    ``_excludes_0`` (see ``medp2x.eval.paired``); rows of one encoder x protocol share them."""
+    if n_boot <= 0:
+        return
+    correct = {
+        key: np.stack([p == test_labels for p in preds]) for key, preds in predictions.items()
+    }
+    for row in rows:
+        row.update(bootstrap=n_boot, confidence=confidence)
+    for (name, protocol), hits in correct.items():
+        group = [r for r in rows if r["encoder"] == name and r["protocol"] == protocol]
+        own = paired_bootstrap(hits, None, test_labels, n_boot, confidence, seed)
+        values = {}
+        for metric, interval in own.items():
+            values[f"{metric}_low"], values[f"{metric}_high"] = interval.low, interval.high
+        for ref in references:
+            if ref == name or (ref, protocol) not in correct:
+                continue
+            diff = paired_bootstrap(
+                hits, correct[ref, protocol], test_labels, n_boot, confidence, seed
+            )
+            for metric, interval in diff.items():
+                column = f"{metric}_diff_vs_{ref}"
+                values[column] = interval.estimate
+                values[f"{column}_low"], values[f"{column}_high"] = interval.low, interval.high
+                values[f"{column}_excludes_0"] = interval.excludes_zero
+        for row in group:
+            row.update(values)

@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 
 from medp2x import __version__
-from medp2x.checkpoints import atomic_torch_save, read_checkpoint
+from medp2x.atomic import atomic_torch_save
+from medp2x.checkpoints import read_checkpoint
 
 SCRIPT_MODULE = "p2x_classification"
 CHANNELS = ("auto", "gray", "rgb")

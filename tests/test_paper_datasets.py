@@ -1,4 +1,4 @@
-"""The ten benchmarks: registry readers on files in each documented layout, the TFDS reader on
+"""The paper's ten datasets: registry readers on files in each documented layout, the TFDS reader on
 real ArrayRecord data and on ``tfds.testing.mock_data``, and every bundle run in its tiny profile."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torchvision
 from PIL import Image
 from torch.utils.data import Subset
 
-from medp2x.data import benchmarks
-from medp2x.data.benchmarks import BENCHMARKS, dataset_factory, eval_data_factory
-from medp2x.evaluate import dataset_labels
+from medp2x.data import paper
+from medp2x.data.paper import DATASETS, dataset_factory, eval_data_factory
+from medp2x.eval.splits import dataset_labels
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
@@ -69,7 +69,7 @@ def make_chestxray8(root: Path) -> Path:
 
 
 def make_covid_radiography(root: Path, per_class: int = 5) -> Path:
-    for c, name in enumerate(benchmarks.COVID_CLASSES):
+    for c, name in enumerate(paper.COVID_CLASSES):
         for i in range(per_class):
             save_image(root / name / "images" / f"{name}-{i}.png", gray=True, seed=10 * c + i)
             save_image(root / name / "masks" / f"{name}-{i}.png", gray=True, seed=99)
@@ -77,7 +77,7 @@ def make_covid_radiography(root: Path, per_class: int = 5) -> Path:
 
 
 def make_bhuvaji(root: Path) -> Path:
-    for c, name in enumerate(benchmarks.MRI_CLASSES):
+    for c, name in enumerate(paper.MRI_CLASSES):
         for i in range(4):
             save_image(root / "Training" / name / f"image({i}).jpg", seed=c * 10 + i)
         if name != "no_tumor":  # a Testing folder missing one class keeps Training's labels
@@ -87,7 +87,7 @@ def make_bhuvaji(root: Path) -> Path:
 
 
 def make_busi(root: Path, per_class: int = 5) -> Path:
-    for c, name in enumerate(benchmarks.BUSI_CLASSES):
+    for c, name in enumerate(paper.BUSI_CLASSES):
         for i in range(1, per_class + 1):
             save_image(root / name / f"{name} ({i}).png", gray=True, seed=c * 10 + i)
             save_image(root / name / f"{name} ({i})_mask.png", gray=True, seed=99)
@@ -96,7 +96,7 @@ def make_busi(root: Path, per_class: int = 5) -> Path:
 
 
 def make_eurosat(root: Path, per_class: int = 5) -> Path:
-    for c, name in enumerate(benchmarks.EUROSAT_CLASSES):
+    for c, name in enumerate(paper.EUROSAT_CLASSES):
         for i in range(per_class):
             save_image(root / "2750" / name / f"{name}_{i + 1}.jpg", size=32, seed=c * 10 + i)
     return root
@@ -211,8 +211,8 @@ def mock_tfds():
 
 
 def test_registry_names_the_papers_ten_benchmarks_with_both_bundles():
-    assert list(BENCHMARKS) == PAPER_ORDER
-    for name, bench in BENCHMARKS.items():
+    assert list(DATASETS) == PAPER_ORDER
+    for name, bench in DATASETS.items():
         assert bench.modality in ("rgb", "gray")
         assert (
             bench.pretraining.obtain and bench.pretraining.layout and bench.downstream_data.obtain
@@ -229,10 +229,8 @@ def test_registry_names_the_papers_ten_benchmarks_with_both_bundles():
         if name != "histo":  # Histo's bundles default to the demo slide
             assert p2x["data_dir"] == bench.default_data_dir
             assert p2x["benchmark"] == name
-    assert {b.name for b in BENCHMARKS.values() if b.modality == "gray"} == {"xray", "mri", "us"}
-    assert {b.name for b in BENCHMARKS.values() if b.pretraining.reader == "tfds"} == set(
-        TFDS_NAMES
-    )
+    assert {b.name for b in DATASETS.values() if b.modality == "gray"} == {"xray", "mri", "us"}
+    assert {b.name for b in DATASETS.values() if b.pretraining.reader == "tfds"} == set(TFDS_NAMES)
 
 
 def test_every_bundle_defines_what_its_job_references():
@@ -264,7 +262,7 @@ def test_every_bundle_exposes_the_one_override_knobs():
 
 def test_unknown_benchmark_and_option_are_clear_errors():
     with pytest.raises(ValueError, match="choose from histo, xray"):
-        benchmarks.get("imagenet")
+        paper.get("imagenet")
     with pytest.raises(ValueError, match="unknown option"):
         dataset_factory("food", resolution=128)
 
@@ -289,7 +287,7 @@ def test_busi_drops_masks_and_pretraining_never_sees_the_test_split(tmp_path):
 def test_covid_radiography_reads_four_classes_without_masks(tmp_path):
     make_covid_radiography(tmp_path / "COVID-19_Radiography_Dataset")
     train, test = eval_data_factory("xray", downstream_dir=tmp_path)()
-    assert train.dataset.classes == list(benchmarks.COVID_CLASSES)
+    assert train.dataset.classes == list(paper.COVID_CLASSES)
     paths = [train.dataset.items[i][0] for i in range(len(train.dataset))]
     assert len(paths) == 20 and not any("masks" in p.parts for p in paths)
     assert sorted(dataset_labels(test)) == [0, 1, 2, 3]
@@ -298,7 +296,7 @@ def test_covid_radiography_reads_four_classes_without_masks(tmp_path):
 def test_mri_testing_split_keeps_trainings_class_indices(tmp_path):
     make_bhuvaji(tmp_path)
     train, test = eval_data_factory("mri", data_dir=tmp_path)()
-    assert train.classes == test.classes == list(benchmarks.MRI_CLASSES)
+    assert train.classes == test.classes == list(paper.MRI_CLASSES)
     by_name = {Path(p).parent.name: label for p, label in test.items}
     assert by_name == {"glioma_tumor": 0, "meningioma_tumor": 1, "pituitary_tumor": 3}
     assert len(dataset_factory("mri")(tmp_path, None)) == 16  # Training only
@@ -377,7 +375,7 @@ def test_hospital_dicom_and_nifti_folders_use_the_project_readers(tmp_path):
 def test_eurosat_sample_folder_in_its_published_layout(tmp_path):
     make_eurosat(tmp_path)
     train, test = eval_data_factory("satellite", data_dir=tmp_path)()
-    assert train.dataset.classes == list(benchmarks.EUROSAT_CLASSES)
+    assert train.dataset.classes == list(paper.EUROSAT_CLASSES)
     assert len(test) == 10 and len(train) == 40
     few = dataset_factory("satellite", max_samples=10)(tmp_path, None)
     assert sorted(dataset_labels(few)) == list(range(10))  # evenly spaced: every class stays
@@ -393,14 +391,15 @@ def test_aircraft_labels_follow_the_variant_list(tmp_path):
 
 
 def test_utkface_labels_come_from_file_names(tmp_path):
-    assert benchmarks.utkface_label(Path("26_1_3_2017.jpg.chip.jpg"), "ethnicity") == 3
-    assert benchmarks.utkface_label(Path("26_1_3_2017.jpg.chip.jpg"), "gender") == 1
+    assert paper.natural.utkface_label(Path("26_1_3_2017.jpg.chip.jpg"), "ethnicity") == 3
+    assert paper.natural.utkface_label(Path("26_1_3_2017.jpg.chip.jpg"), "gender") == 1
     ages = [
-        benchmarks.utkface_label(Path(f"{a}_0_0_x.jpg"), "age") for a in (1, 9, 10, 59, 60, 101)
+        paper.natural.utkface_label(Path(f"{a}_0_0_x.jpg"), "age") for a in (1, 9, 10, 59, 60, 101)
     ]
     assert ages == [0, 0, 1, 5, 6, 6]
     assert (
-        benchmarks.utkface_label(Path("39_1_20170116174525125.jpg.chip.jpg"), "ethnicity") is None
+        paper.natural.utkface_label(Path("39_1_20170116174525125.jpg.chip.jpg"), "ethnicity")
+        is None
     )
     folder = make_utkface(tmp_path)
     train, test = eval_data_factory("celeba", downstream_dir=folder, target="gender")()
@@ -507,7 +506,7 @@ def test_tfds_missing_dataset_says_how_to_prepare_it(tmp_path):
 
 @pytest.mark.parametrize("name", TFDS_NAMES)
 def test_tfds_benchmarks_read_mocked_splits(name, tmp_path, mock_tfds):
-    bench = BENCHMARKS[name]
+    bench = DATASETS[name]
     pretraining = dataset_factory(name, max_samples=5)(tmp_path, 24)
     assert len(pretraining) == 5
     sample = pretraining[0]
@@ -637,6 +636,6 @@ def test_shared_eurosat_sample_reads_as_the_satellite_benchmark(shared_data):
         pytest.skip(f"{folder} not found")
     train, test = eval_data_factory("satellite", data_dir=folder)()
     assert len(train) + len(test) == 3000 and len(test) == 600
-    assert isinstance(train, Subset) and train.dataset.classes == list(benchmarks.EUROSAT_CLASSES)
+    assert isinstance(train, Subset) and train.dataset.classes == list(paper.EUROSAT_CLASSES)
     sample = train[0]
     assert sample["image"].shape == (3, 64, 64)
