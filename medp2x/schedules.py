@@ -29,6 +29,7 @@ from torch import nn
 logger = logging.getLogger("medp2x.schedules")
 
 TRAINABLE = ("all", "bn", "last_stage")
+RESTORE_STREAM = 2  # engine.derived_seed stream of a restored layer4 (0, 1: sampler, views)
 
 
 # ----------------------------------------------------------------------------- trainable parts
@@ -87,13 +88,15 @@ def _width(stage: nn.Module) -> int:
 
 
 def restore_last_stage(state: dict[str, torch.Tensor], arch: str, seed: int) -> dict:
-    """``state`` with a fresh ``layer4`` (torchvision's init, drawn from ``seed``): S3L loads
+    """``state`` with a fresh ``layer4`` (torchvision's init, from its own stream of ``seed``,
+    not the untrained ``layer4`` a random-init run of the same seed carried along): S3L loads
     conv1-conv4 from the small-architecture run and starts conv5 anew."""
-    from medp2x.engine import random_init
+    from medp2x.engine import derived_seed, random_init
     from medp2x.networks import build_encoder
 
     channels = int(state["conv1.weight"].shape[1])
-    fresh = random_init(build_encoder(arch, in_channels=channels), seed).state_dict()
+    fresh = build_encoder(arch, in_channels=channels)
+    fresh = random_init(fresh, derived_seed(seed, RESTORE_STREAM)).state_dict()
     restored = dict(state)
     restored.update({k: v for k, v in fresh.items() if k.startswith("layer4.")})
     return restored
