@@ -141,6 +141,7 @@ class ChainJob:
     make_probe_data: Callable[[], tuple[Dataset | None, Dataset | None]] | None = None
     probe_every: int = 0  # iterations; 0: no probe
     probe_protocol: str = "knn"
+    probe_select_after: float = 0.5  # HPT: the best checkpoint of the run's second half
     extra_handlers: list = field(default_factory=list)
 
     def run(self) -> list[StageResult]:
@@ -340,6 +341,7 @@ class ChainJob:
             Subset(train, val.tolist()),
             every=self.probe_every,
             protocol=self.probe_protocol,
+            select_after=self.probe_select_after,
         )
 
 

@@ -32,7 +32,9 @@ class ProbeSelection:
 
     ``fit`` and ``val`` are labelled datasets (samples ``{"image", "label"}`` or
     ``(image, label)`` pairs); ``protocol`` is ``knn`` (k nearest neighbours, cosine, as
-    ``evaluate.knn_scores``) or ``linear`` (``evaluate.linear_probe`` without its L2 search)."""
+    ``evaluate.knn_scores``) or ``linear`` (``evaluate.linear_probe`` without its L2 search).
+    ``select_after``: the fraction of the run before which scores are logged but no checkpoint
+    is kept (HPT chooses among the second half of a run: 0.5)."""
 
     def __init__(
         self,
@@ -43,6 +45,7 @@ class ProbeSelection:
         image_size: int | None = None,
         batch_size: int = 64,
         knn_k: int = 20,
+        select_after: float = 0.0,
     ):
         if protocol not in ("knn", "linear"):
             raise ValueError(f"probe protocol = {protocol!r} is not allowed: knn or linear")
@@ -50,6 +53,9 @@ class ProbeSelection:
             raise ValueError(f"probe every = {every!r} is not allowed: a positive integer")
         self.fit, self.val, self.every, self.protocol = fit, val, int(every), protocol
         self.image_size, self.batch_size, self.knn_k = image_size, batch_size, knn_k
+        if not 0.0 <= float(select_after) < 1.0:
+            raise ValueError(f"probe select_after = {select_after!r} is not allowed: in [0, 1)")
+        self.select_after = float(select_after)
         self.best = -math.inf
 
     def attach(self, engine: Engine) -> None:
@@ -74,7 +80,11 @@ class ProbeSelection:
     def _resume_rows(self, engine: Engine) -> None:
         kept = [r for r in self.rows() if int(r["iteration"]) <= engine.state.iteration]
         self._write(kept)
-        self.best = max((float(r["accuracy"]) for r in kept), default=-math.inf)
+        eligible = [float(r["accuracy"]) for r in kept if self._eligible(int(r["iteration"]))]
+        self.best = max(eligible, default=-math.inf)
+
+    def _eligible(self, iteration: int) -> bool:
+        return iteration >= self.select_after * self.run.plan.total_iterations
 
     def _write(self, rows: list[dict]) -> None:
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
@@ -89,7 +99,7 @@ class ProbeSelection:
         if rows and int(rows[-1]["iteration"]) == iteration:
             return  # COMPLETED right after a periodic probe of the same step
         accuracy, n_val = self.score()
-        improved = accuracy > self.best
+        improved = self._eligible(iteration) and accuracy > self.best
         if improved:
             self.best = accuracy
             self._save_best()
@@ -162,10 +172,10 @@ class ProbeSelection:
 
 
 def best_row(out: str | Path) -> dict | None:
-    """The best probe row of a run folder (None: no probe was run)."""
+    """The probe row whose encoder ``best_encoder.pt`` holds (None: no probe was run)."""
     path = Path(out) / PROBE_CSV
     if not path.exists():
         return None
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return max(rows, key=lambda r: float(r["accuracy"])) if rows else None
+        kept = [r for r in csv.DictReader(f) if r["best"] == "1"]
+    return kept[-1] if kept else None

@@ -114,6 +114,7 @@ def test_probe_keeps_the_best_encoder_and_logs_its_curve(tmp_path):
         stages=[Stage("only", dataset=Blobs(n=16, size=16), init="random", epochs=2)],
         make_probe_data=lambda: (labelled, None),
         probe_every=2,
+        probe_select_after=0.0,
     )
     result = job.run()[0]
     out = result.folder
