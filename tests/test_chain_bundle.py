@@ -41,7 +41,7 @@ def test_hpt_bundle_runs_base_source_target_on_private_folders(tmp_path, capsys)
     torch.manual_seed(0)
     base = save_encoder(tmp_path / "base.pt", build_encoder("resnet18").state_dict(), "resnet18",
                         3, {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)})  # fmt: skip
-    source, target = gray_pngs(tmp_path / "all_us", 16, 0), gray_pngs(tmp_path / "task", 8, 1)
+    source, target = gray_pngs(tmp_path / "all_us", 8, 0), gray_pngs(tmp_path / "task", 8, 1)
     out = tmp_path / "run"
     run(
         config_file=str(REPO / "bundles" / "hpt_us.json"), data_dir=str(target),
@@ -54,7 +54,7 @@ def test_hpt_bundle_runs_base_source_target_on_private_folders(tmp_path, capsys)
         ("source", "done"),
         ("target", "done"),
     ]
-    assert record[0]["data"] == str(source) and record[0]["samples"] == 16
+    assert record[0]["data"] == str(source) and record[0]["samples"] == 8
     assert record[1]["data"] == str(target) and record[1]["samples"] == 8
     assert record[0]["started_from"] == str(base)
     assert record[1]["started_from"] == str(out / "0_source" / "encoder.pt")
