@@ -1,7 +1,8 @@
 """N-stage chains (HPT's base -> source -> target): a 3-stage chain runs end to end, records its
 stages, and a chain killed mid-stage and started again skips the finished stages, resumes the
 running one from its checkpoint, and ends with the weights of an uninterrupted chain; the probe
-handler keeps the encoder of its best validation score."""
+handler keeps the encoder of its best validation score (checked on the same chain run: every
+stage run costs seconds on the test machine)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ from medp2x.evaluate import stratified_split
 from medp2x.selection import best_row
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for these tiny runs: a second one only spins on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class KillAt:
     """Raise at ``iteration`` of the stage whose folder is ``folder_name`` (a killed process)."""
 
@@ -36,7 +46,7 @@ class KillAt:
 
 
 def three_stages() -> list[Stage]:
-    data = Blobs(n=16, size=16)
+    data = Blobs(n=8, size=16)  # one step per epoch (batch 8)
     return [
         Stage("base", dataset=data, init="random", epochs=1),
         Stage("source", dataset=Blobs(n=16, size=16), epochs=2),
@@ -70,10 +80,20 @@ def weights(path):
     return read_checkpoint(path)[0]
 
 
-def test_three_stage_chain_resumes_mid_chain_and_mid_stage(tmp_path):
-    full = chain(tmp_path, "full").run()
+class LabelledBlobs(Blobs):
+    """Blobs labelled by whether the blob is mostly red: a task the probe can score."""
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.images[i]
+        return {"image": image, "label": int(image[0].mean() > image[1].mean())}
+
+
+def test_three_stage_chain_resumes_mid_chain_and_mid_stage_and_probes(tmp_path):
+    labelled = LabelledBlobs(n=24, size=16)
+    probe = dict(make_probe_data=lambda: (labelled, None), probe_every=2, probe_select_after=0.0)
+    full = chain(tmp_path, "full", **probe).run()  # the killed chain runs without the probe
     assert [r.status for r in full] == ["done"] * 3
-    assert [r.summary.iterations for r in full] == [2, 4, 2]
+    assert [r.summary.iterations for r in full] == [1, 4, 1]
     record = json.loads((tmp_path / "full" / "chain.json").read_text())
     assert [s["status"] for s in record["stages"]] == ["done"] * 3
     assert record["stages"][0]["started_from"] == "random init"
@@ -97,27 +117,12 @@ def test_three_stage_chain_resumes_mid_chain_and_mid_stage(tmp_path):
         changed.stages[2].trainable = "all"
         changed.run()
 
-
-class LabelledBlobs(Blobs):
-    """Blobs labelled by whether the blob is mostly red: a task the probe can score."""
-
-    def __getitem__(self, i: int) -> dict:
-        image = self.images[i]
-        return {"image": image, "label": int(image[0].mean() > image[1].mean())}
+    check_probe(full[1].folder, labelled)  # the 4-step source stage, probed at steps 2 and 4
 
 
-def test_probe_keeps_the_best_encoder_and_logs_its_curve(tmp_path):
-    labelled = LabelledBlobs(n=24, size=16)
-    job = chain(
-        tmp_path,
-        "probe",
-        stages=[Stage("only", dataset=Blobs(n=16, size=16), init="random", epochs=2)],
-        make_probe_data=lambda: (labelled, None),
-        probe_every=2,
-        probe_select_after=0.0,
-    )
-    result = job.run()[0]
-    out = result.folder
+def check_probe(out, labelled) -> None:
+    """The probe's curve has a row per probe on the validation part of the labelled training
+    split, and ``best_encoder.pt`` is the checkpoint of the best row."""
     with open(out / "probe_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iteration"]) for r in rows] == [2, 4]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from test_chain import one_thread  # noqa: F401 (autouse: one torch thread)
 
 from medp2x.checkpoints import save_encoder
 from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, build_encoder

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_chain import one_thread  # noqa: F401 (autouse: one torch thread)
 from test_engine import Blobs
 from torch import nn
 
@@ -26,7 +27,7 @@ def test_bn_only_stage_trains_exactly_the_batchnorm_affine_parameters(tmp_path, 
         stages=[
             Stage(
                 "target",
-                dataset=Blobs(n=16, size=16),
+                dataset=Blobs(n=8, size=16),  # one step: it trains every BN affine tensor
                 epochs=1,
                 trainable="bn",
                 batch_size=8,

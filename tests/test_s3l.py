@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_chain import KillAt
+from test_chain import KillAt, one_thread  # noqa: F401 (autouse: one torch thread)
 from test_engine import Blobs
 
 from medp2x.chain import ChainJob, Stage
@@ -68,7 +68,7 @@ def test_small_architecture_then_warm_up_of_a_fresh_last_stage(tmp_path):
     encoder = without_last_stage(build_encoder("resnet18"))
     assert encoder.feature_dim == 256 and encoder(torch.zeros(2, 3, 32, 32)).shape == (2, 256)
 
-    data = Blobs(n=16, size=16)
+    data = Blobs(n=8, size=16)  # one step per stage (batch 8)
     job = ChainJob(
         name="s3l",
         output_dir=str(tmp_path / "s3l"),
