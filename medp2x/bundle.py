@@ -26,6 +26,8 @@ from torch.utils.data import Dataset
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1] / "bundles"
 SCHEDULES = ("p1x", "p2x")
+# Chains (medp2x.chain): configs/<chain>.json on train.json, for these benchmarks' readers.
+CHAINS = {"hpt": ("histo", "mri", "us", "xray")}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -355,9 +357,26 @@ def single_file_bundles(root: Path = BUNDLE_ROOT) -> dict[Path, dict]:
     }
 
 
+def chain_bundles(root: Path = BUNDLE_ROOT) -> dict[Path, dict]:
+    """Every ``bundles/<chain>_<benchmark>.json`` (``CHAINS``) as it must read: ``train.json``,
+    the chain's overlay (its ``job`` is a ``medp2x.chain.ChainJob``), the benchmark's."""
+    configs = root / "configs"
+    return {
+        root / f"{chain}_{name}.json": merged(
+            [
+                configs / "train.json",
+                configs / f"{chain}.json",
+                configs / "benchmarks" / f"{name}.json",
+            ]
+        )
+        for chain, names in CHAINS.items()
+        for name in names
+    }
+
+
 def write_single_file_bundles(root: Path = BUNDLE_ROOT) -> list[Path]:
     written = []
-    for path, config in single_file_bundles(root).items():
+    for path, config in {**single_file_bundles(root), **chain_bundles(root)}.items():
         path.write_text(json.dumps(config, indent=2) + "\n")
         written.append(path)
     return written
