@@ -45,7 +45,10 @@ from torch.utils.data import Subset
 
 from medp2x.chain import ChainJob, Stage
 from medp2x.data.folder import ImageFolderDataset
-from medp2x.evaluate import EvalSettings, dataset_labels, resolve_encoder, stratified_split
+from medp2x.data.split import stratified_split
+from medp2x.eval.encoders import resolve_encoder
+from medp2x.eval.settings import EvalSettings
+from medp2x.eval.splits import dataset_labels
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -27,6 +27,7 @@ from typing import Any
 
 from torch.utils.data import Dataset, Subset
 
+from medp2x.atomic import atomic_write_text
 from medp2x.pipeline import DatasetFactory, check_output_dir
 from medp2x.schedules import TRAINABLE, largest_size, parse_resolution_schedule
 
@@ -326,7 +327,8 @@ class ChainJob:
     def _probe(self):
         """A probe on a validation part of the labelled *training* split (the test split is
         never read)."""
-        from medp2x.evaluate import dataset_labels, stratified_split
+        from medp2x.data.split import stratified_split
+        from medp2x.eval.splits import dataset_labels
         from medp2x.selection import ProbeSelection
 
         if self.make_probe_data is None:
@@ -392,9 +394,7 @@ class ChainRecord:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        tmp.replace(self.path)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
 
 
 def _plain(value: Any) -> Any:

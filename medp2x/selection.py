@@ -140,7 +140,10 @@ class ProbeSelection:
     def score(self) -> tuple[float, int]:
         """Validation accuracy of the current encoder (frozen, eval mode, BN running stats);
         the encoder's train/eval mode is restored afterwards."""
-        from medp2x.evaluate import EvalSettings, extract_features, knn_scores, linear_probe
+        from medp2x.eval.features import extract_features
+        from medp2x.eval.protocols.knn import knn_scores
+        from medp2x.eval.protocols.linear import linear_probe
+        from medp2x.eval.settings import EvalSettings
         from medp2x.networks import NormalizedEncoder
 
         run = self.run

@@ -17,7 +17,7 @@ from test_engine import Blobs
 
 from medp2x.chain import PROBE_VAL_FRACTION, ChainJob, Stage
 from medp2x.checkpoints import read_checkpoint
-from medp2x.evaluate import stratified_split
+from medp2x.data.split import stratified_split
 from medp2x.selection import best_row
 
 
