@@ -412,6 +412,45 @@ def test_moco_symmetric_sums_both_directions_and_enqueues_both_key_sets():
     assert int(method.queue_ptr) == 8 and torch.equal(method.queue[8:], queue[8:])
 
 
+# --------------------------------------------------------------------------- restructure guard
+
+# Each method's loss on fixed views at seed 0, before and after one SGD step, and its saved
+# module names (beside the encoder), as the code gave them before the methods package was
+# restructured (issue #17, commit 02ddd22). Moving heads, losses, momentum copies or recipes
+# must change none of them: equal numbers mean equal initialisation order, forward and step;
+# equal names mean existing checkpoints still resume.
+BEFORE_RESTRUCTURE = {
+    "simclr": (3.0180459022521973, 1.7091866731643677, {"projector": 11}),
+    "swav": (4.933867454528809, 4.616273880004883, {"projector": 9, "prototypes": 1}),
+    "byol": (
+        4.074047565460205,
+        1.2213661670684814,
+        {"predictor": 8, "projector": 8, "target_encoder": 9, "target_projector": 8},
+    ),
+    "moco": (
+        2.244385242462158,
+        3.230323076248169,
+        {"key_encoder": 9, "key_projector": 4, "projector": 4, "queue": 1, "queue_ptr": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_RESTRUCTURE))
+def test_losses_steps_and_saved_names_are_unchanged_by_the_restructure(name):
+    first, second, saved = BEFORE_RESTRUCTURE[name]
+    torch.manual_seed(0)
+    method = build_method(name, tiny_encoder(batch_norm=True), "tiny")
+    views = random_views(name, batch=8)
+    assert float(method(views)["loss"].detach()) == pytest.approx(first, rel=1e-5)
+    one_step(method, views, 0, 0)
+    assert float(method(views)["loss"].detach()) == pytest.approx(second, rel=1e-5)
+    names: dict[str, int] = {}
+    for key in method.state_dict():
+        if not key.startswith("encoder."):
+            names[key.split(".")[0]] = names.get(key.split(".")[0], 0) + 1
+    assert names == saved
+
+
 # --------------------------------------------------------------------------- every method
 
 
