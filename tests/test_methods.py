@@ -12,11 +12,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from medp2x.methods import METHODS, build_method, recipe_for
-from medp2x.methods.base import embedding_spread, mlp
-from medp2x.methods.byol import regression_loss, target_momentum
-from medp2x.methods.moco import info_nce
-from medp2x.methods.simclr import nt_xent
-from medp2x.methods.swav import prediction_entropy, sinkhorn, swapped_prediction_loss
+from medp2x.methods.base import embedding_spread, prediction_entropy
+from medp2x.methods.heads import mlp
+from medp2x.methods.losses import (
+    info_nce,
+    nt_xent,
+    regression_loss,
+    sinkhorn,
+    swapped_prediction_loss,
+)
+from medp2x.methods.momentum import cosine_momentum as target_momentum
 from medp2x.monitor import rankme
 from medp2x.networks import build_encoder
 
