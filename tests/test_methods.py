@@ -64,7 +64,7 @@ def test_override_unknown_name_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown simclr recipe option.*temperature"):
         recipe_for("simclr", "tiny", temprature=0.2)
     with pytest.raises(ValueError, match="unknown SSL method"):
-        recipe_for("dino", "tiny")
+        recipe_for("barlow", "tiny")
     with pytest.raises(ValueError, match="unknown profile"):
         recipe_for("simclr", "huge")
 
@@ -460,7 +460,7 @@ def test_losses_steps_and_saved_names_are_unchanged_by_the_restructure(name):
 
 
 def test_methods_tuple():
-    assert METHODS == ("simclr", "swav", "byol", "moco")
+    assert METHODS == ("simclr", "swav", "byol", "moco", "dino")
 
 
 def test_embedding_spread_is_one_for_spread_out_and_zero_for_collapsed_embeddings():

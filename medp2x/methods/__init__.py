@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from medp2x.methods import byol, moco, simclr, swav
+from medp2x.methods import byol, dino, moco, simclr, swav
 from medp2x.methods.base import (
     Recipe,
     SSLMethod,
@@ -30,6 +30,7 @@ _REGISTRY: dict[str, type[SSLMethod]] = {
     "swav": swav.SwAV,
     "byol": byol.BYOL,
     "moco": moco.MoCo,
+    "dino": dino.DINO,
 }
 
 
