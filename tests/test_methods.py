@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medp2x.methods import METHODS, build_method, recipe_for
+from medp2x.methods import METHODS, build_method, method_class, recipe_for
 from medp2x.methods.base import embedding_spread, prediction_entropy
 from medp2x.methods.heads import mlp
 from medp2x.methods.losses import (
@@ -58,6 +58,16 @@ def test_recipes_follow_the_published_settings():
     assert (simclr.weight_decay, simclr.temperature, simclr.proj_out_dim) == (1e-6, 0.1, 128)
     tiny = recipe_for("simclr", "tiny")
     assert tiny.arch == "resnet18" and tiny.image_size <= 64 and tiny.batch_size <= 64
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_each_recipe_table_names_its_method_and_profile_and_is_never_shared(name):
+    """The registry hands out copies: a run that edits its recipe leaves the table alone."""
+    for profile in ("full", "tiny"):
+        recipe = recipe_for(name, profile)
+        assert (recipe.method, recipe.profile) == (name, profile)
+        recipe.views.n_small, recipe.epochs = 99, -1
+        assert recipe_for(name, profile) == method_class(name).recipes[profile] != recipe
 
 
 def test_override_unknown_name_lists_valid_ones():
