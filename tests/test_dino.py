@@ -155,7 +155,9 @@ def test_head_layout_and_normalised_last_layer():
     assert torch.equal(weight_norm.original0, torch.ones(32, 1))  # g frozen at 1
     assert not weight_norm.original0.requires_grad
     torch.testing.assert_close(method.head.last_layer.weight.norm(dim=1), torch.ones(32))
-    assert float(method.head.mlp[0].weight.std()) == pytest.approx(0.02, rel=0.2)  # trunc_normal_
+    assert float(method.head.mlp[0].weight.detach().std()) == pytest.approx(
+        0.02, rel=0.2
+    )  # trunc_normal_
     assert small_dino(
         norm_last_layer=False
     ).head.last_layer.parametrizations.weight.original0.requires_grad
