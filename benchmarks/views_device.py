@@ -28,7 +28,8 @@ import torchvision.transforms.v2.functional as TF
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image, read_file
 
-from medp2x.views import RECIPES, ViewAugment, blur_kernel_size, build_views
+from medp2x.methods import METHODS, recipe_for
+from medp2x.views import ViewAugment, blur_kernel_size, build_views
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tiny_imagenet_val"
 
@@ -37,7 +38,7 @@ class Spec:
     """The ViewSpec fields build_views reads (kept local so the benchmark stands alone)."""
 
     def __init__(self, method: str, size: int, small_size: int, n_small: int | None):
-        recipe = RECIPES[method]
+        recipe = recipe_for(method, "full").views
         self.n_large, self.large_size, self.small_size = 2, size, small_size
         self.n_small = n_small if n_small is not None else (6 if method == "swav" else 0)
         self.large_scale, self.small_scale = recipe.large_scale, recipe.small_scale
@@ -132,7 +133,7 @@ def _median(pairs: list[tuple[float, float]], k: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--method", default="simclr", choices=sorted(RECIPES))
+    ap.add_argument("--method", default="simclr", choices=sorted(METHODS))
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--small-size", type=int, default=32)
     ap.add_argument("--n-small", type=int, default=None)

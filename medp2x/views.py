@@ -65,28 +65,13 @@ class ViewAugment:
 
 @dataclass(frozen=True)
 class AugmentRecipe:
-    """One method's views: ``large`` recipes are cycled over the large crops (BYOL's two
-    views differ), ``small`` serves every small crop; scales are the crop area fractions."""
+    """One method's photometric views: ``large`` recipes are cycled over the large crops
+    (BYOL's and DINO's two views differ), ``small`` serves every small crop. Each method
+    declares its own (``SSLMethod.augment``, in its module under ``medp2x/methods/``); crop
+    counts, sizes and area scales are in its ``ViewSpec``."""
 
     large: tuple[ViewAugment, ...]
     small: ViewAugment
-    large_scale: tuple[float, float]
-    small_scale: tuple[float, float] = (0.05, 0.14)
-
-
-_SIMCLR = ViewAugment(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)  # strength s = 1
-_BYOL_1 = ViewAugment(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, blur_p=1.0)
-_BYOL_2 = replace(_BYOL_1, blur_p=0.1, solarize_p=0.2)
-_MOCO_V2 = ViewAugment(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
-
-# Published recipes: SimCLR (Chen et al. 2020, App. A), BYOL (Grill et al. 2020, Table 6),
-# SwAV (Caron et al. 2020, main_swav.py), MoCo v2 (Chen et al. 2020, main_moco.py --aug-plus).
-RECIPES: dict[str, AugmentRecipe] = {
-    "simclr": AugmentRecipe((_SIMCLR,), _SIMCLR, (0.08, 1.0)),
-    "byol": AugmentRecipe((_BYOL_1, _BYOL_2), _BYOL_2, (0.08, 1.0)),
-    "swav": AugmentRecipe((_SIMCLR,), _SIMCLR, (0.14, 1.0), (0.05, 0.14)),
-    "moco": AugmentRecipe((_MOCO_V2,), _MOCO_V2, (0.2, 1.0)),
-}
 
 
 def gray_variant(aug: ViewAugment) -> ViewAugment:
@@ -111,7 +96,7 @@ def with_color_strength(aug: ViewAugment, strength: float) -> ViewAugment:
 
 
 def view_augments(
-    method: str,
+    recipe: AugmentRecipe,
     modality: str,
     n_large: int,
     n_small: int,
@@ -120,11 +105,8 @@ def view_augments(
 ) -> list[ViewAugment]:
     """The recipe of every view, large crops first, its colour jitter scaled by
     ``color_strength``, then ``overrides`` applied to all (an explicit value wins)."""
-    if method not in RECIPES:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(RECIPES)}")
     if modality not in MODALITIES:
         raise ValueError(f"unknown modality {modality!r}; choose one of {', '.join(MODALITIES)}")
-    recipe = RECIPES[method]
     augs = [recipe.large[i % len(recipe.large)] for i in range(n_large)] + [recipe.small] * n_small
     if color_strength != 1.0:
         augs = [with_color_strength(a, color_strength) for a in augs]
@@ -576,13 +558,12 @@ def build_views(
     """The method's published augmentations (or their grayscale variant) for ``spec``
     (a ViewSpec: n_large crops of large_size, n_small of small_size, crop area scales).
     ``overrides`` replaces ViewAugment fields in every view, e.g. ``{"flip_p": 0.0}``."""
-    recipe = RECIPES.get(method)
+    from medp2x.methods import augment_for  # the method registry; its modules import this one
+
     strength = float(getattr(spec, "color_strength", 1.0))
     augs = view_augments(
-        method, modality, int(spec.n_large), int(spec.n_small), overrides, strength
+        augment_for(method), modality, int(spec.n_large), int(spec.n_small), overrides, strength
     )
-    large_scale = tuple(getattr(spec, "large_scale", None) or recipe.large_scale)
-    small_scale = tuple(getattr(spec, "small_scale", None) or recipe.small_scale)
     sizes = [spec.large_size] * spec.n_large + [spec.small_size] * spec.n_small
-    scales = [large_scale] * spec.n_large + [small_scale] * spec.n_small
+    scales = [tuple(spec.large_scale)] * spec.n_large + [tuple(spec.small_scale)] * spec.n_small
     return BatchAugment(augs, sizes, scales, modality, device, generator)

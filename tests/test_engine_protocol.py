@@ -177,7 +177,7 @@ def test_pass_sampler_shards_without_overlap_and_depends_on_seed_and_epoch_only(
 def test_sync_bn_is_chosen_per_method(monkeypatch):
     """MoCo keeps per-GPU BN statistics (its shuffled BN); the others use SyncBN on GPUs, as
     their originals. CPU processes cannot run SyncBatchNorm at all."""
-    expected = {"simclr": True, "swav": True, "byol": True, "moco": False}
+    expected = {"simclr": True, "swav": True, "byol": True, "moco": False, "dino": True}
     methods = {name: build_method(name, build_encoder("resnet18")) for name in METHODS}
     assert {name: m.sync_bn for name, m in methods.items()} == expected
     assert not any(wants_sync_bn(m, torch.device("cuda")) for m in methods.values())  # 1 process

@@ -11,12 +11,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medp2x.methods import METHODS, build_method, recipe_for
-from medp2x.methods.base import embedding_spread, mlp
-from medp2x.methods.byol import regression_loss, target_momentum
-from medp2x.methods.moco import info_nce
-from medp2x.methods.simclr import nt_xent
-from medp2x.methods.swav import prediction_entropy, sinkhorn, swapped_prediction_loss
+from medp2x.methods import METHODS, build_method, method_class, recipe_for
+from medp2x.methods.base import embedding_spread, prediction_entropy
+from medp2x.methods.heads import mlp
+from medp2x.methods.losses import (
+    info_nce,
+    nt_xent,
+    regression_loss,
+    sinkhorn,
+    swapped_prediction_loss,
+)
+from medp2x.methods.momentum import cosine_momentum as target_momentum
 from medp2x.monitor import rankme
 from medp2x.networks import build_encoder
 
@@ -55,11 +60,21 @@ def test_recipes_follow_the_published_settings():
     assert tiny.arch == "resnet18" and tiny.image_size <= 64 and tiny.batch_size <= 64
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_each_recipe_table_names_its_method_and_profile_and_is_never_shared(name):
+    """The registry hands out copies: a run that edits its recipe leaves the table alone."""
+    for profile in ("full", "tiny"):
+        recipe = recipe_for(name, profile)
+        assert (recipe.method, recipe.profile) == (name, profile)
+        recipe.views.n_small, recipe.epochs = 99, -1
+        assert recipe_for(name, profile) == method_class(name).recipes[profile] != recipe
+
+
 def test_override_unknown_name_lists_valid_ones():
     with pytest.raises(ValueError, match="unknown simclr recipe option.*temperature"):
         recipe_for("simclr", "tiny", temprature=0.2)
     with pytest.raises(ValueError, match="unknown SSL method"):
-        recipe_for("dino", "tiny")
+        recipe_for("barlow", "tiny")
     with pytest.raises(ValueError, match="unknown profile"):
         recipe_for("simclr", "huge")
 
@@ -412,11 +427,50 @@ def test_moco_symmetric_sums_both_directions_and_enqueues_both_key_sets():
     assert int(method.queue_ptr) == 8 and torch.equal(method.queue[8:], queue[8:])
 
 
+# --------------------------------------------------------------------------- restructure guard
+
+# Each method's loss on fixed views at seed 0, before and after one SGD step, and its saved
+# module names (beside the encoder), as the code gave them before the methods package was
+# restructured (issue #17, commit 02ddd22). Moving heads, losses, momentum copies or recipes
+# must change none of them: equal numbers mean equal initialisation order, forward and step;
+# equal names mean existing checkpoints still resume.
+BEFORE_RESTRUCTURE = {
+    "simclr": (3.0180459022521973, 1.7091866731643677, {"projector": 11}),
+    "swav": (4.933867454528809, 4.616273880004883, {"projector": 9, "prototypes": 1}),
+    "byol": (
+        4.074047565460205,
+        1.2213661670684814,
+        {"predictor": 8, "projector": 8, "target_encoder": 9, "target_projector": 8},
+    ),
+    "moco": (
+        2.244385242462158,
+        3.230323076248169,
+        {"key_encoder": 9, "key_projector": 4, "projector": 4, "queue": 1, "queue_ptr": 1},
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BEFORE_RESTRUCTURE))
+def test_losses_steps_and_saved_names_are_unchanged_by_the_restructure(name):
+    first, second, saved = BEFORE_RESTRUCTURE[name]
+    torch.manual_seed(0)
+    method = build_method(name, tiny_encoder(batch_norm=True), "tiny")
+    views = random_views(name, batch=8)
+    assert float(method(views)["loss"].detach()) == pytest.approx(first, rel=1e-5)
+    one_step(method, views, 0, 0)
+    assert float(method(views)["loss"].detach()) == pytest.approx(second, rel=1e-5)
+    names: dict[str, int] = {}
+    for key in method.state_dict():
+        if not key.startswith("encoder."):
+            names[key.split(".")[0]] = names.get(key.split(".")[0], 0) + 1
+    assert names == saved
+
+
 # --------------------------------------------------------------------------- every method
 
 
 def test_methods_tuple():
-    assert METHODS == ("simclr", "swav", "byol", "moco")
+    assert METHODS == ("simclr", "swav", "byol", "moco", "dino")
 
 
 def test_embedding_spread_is_one_for_spread_out_and_zero_for_collapsed_embeddings():

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+from medp2x.methods import METHODS
 from medp2x.methods.base import ViewSpec
 from medp2x.views import (
     JITTER_OPS,
-    RECIPES,
     BatchAugment,
     ViewAugment,
     blur_kernel_size,
@@ -30,7 +30,6 @@ from medp2x.views import (
     solarize,
 )
 
-METHODS = tuple(RECIPES)
 NO_OPS = ViewAugment(flip_p=0.0, jitter_p=0.0, gray_p=0.0, blur_p=0.0, solarize_p=0.0)
 
 
@@ -275,8 +274,8 @@ def test_overrides_apply_to_every_view_and_bad_inputs_raise():
     assert augment.views[0].blur_p == 1.0 and augment.views[1].blur_p == 0.1
     with pytest.raises(ValueError, match="unknown augmentation override"):
         build_views("byol", "rgb", ViewSpec(), overrides={"blurr_p": 0.0})
-    with pytest.raises(ValueError, match="unknown method"):
-        build_views("dino", "rgb", ViewSpec())
+    with pytest.raises(ValueError, match="unknown SSL method"):
+        build_views("barlow", "rgb", ViewSpec())
     with pytest.raises(ValueError, match="unknown modality"):
         build_views("simclr", "ct", ViewSpec())
     with pytest.raises(ValueError, match="1 or 3 channels"):

@@ -1,32 +1,44 @@
-"""The four SSL methods behind one constructor, each with a ``full`` and a ``tiny`` recipe.
+"""The SSL methods behind one registry, each with a ``full`` and a ``tiny`` recipe.
 
 ``build_method("swav", encoder, profile="tiny", queue_length=0)`` builds a method whose
 ``recipe`` carries every setting the engine and optimiser need; any recipe field can be
-overridden by name (see ``docs/methods.md``).
+overridden by name (see ``docs/methods.md``). A method is one module here declaring its
+class, recipes and views; adding one is that module plus its line in ``_REGISTRY``
+(docs/methods.md, "Adding a method").
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import copy
 from typing import Any
 
 from torch import nn
 
-from medp2x.methods import byol, moco, simclr, swav
-from medp2x.methods.base import Recipe, SSLMethod, ViewSpec, override_recipe
+from medp2x.methods import byol, dino, moco, simclr, swav
+from medp2x.methods.base import (
+    Recipe,
+    SSLMethod,
+    ViewSpec,
+    check_profile,
+    override_recipe,
+    validate_recipe,
+)
+from medp2x.views import AugmentRecipe
 
-_REGISTRY: dict[str, tuple[type[SSLMethod], Callable[[str], Recipe]]] = {
-    "simclr": (simclr.SimCLR, simclr.recipe),
-    "swav": (swav.SwAV, swav.recipe),
-    "byol": (byol.BYOL, byol.recipe),
-    "moco": (moco.MoCo, moco.recipe),
+_REGISTRY: dict[str, type[SSLMethod]] = {
+    "simclr": simclr.SimCLR,
+    "swav": swav.SwAV,
+    "byol": byol.BYOL,
+    "moco": moco.MoCo,
+    "dino": dino.DINO,
 }
 
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 
 
-def _lookup(name: str) -> tuple[type[SSLMethod], Callable[[str], Recipe]]:
+def method_class(name: str) -> type[SSLMethod]:
+    """The registered class of method ``name`` (case-insensitive)."""
     key = name.lower()
     if key not in _REGISTRY:
         raise ValueError(f"unknown SSL method {name!r}; choose one of {', '.join(METHODS)}")
@@ -35,9 +47,16 @@ def _lookup(name: str) -> tuple[type[SSLMethod], Callable[[str], Recipe]]:
 
 def recipe_for(name: str, profile: str = "tiny", **overrides: Any) -> Recipe:
     """The published (``full``) or CPU-sized (``tiny``) recipe of a method, with overrides."""
-    _, make_recipe = _lookup(name)
-    recipe = make_recipe(profile)
+    cls = method_class(name)
+    check_profile(profile)
+    recipe = copy.deepcopy(cls.recipes[profile])  # the table stays as published
+    validate_recipe(recipe)
     return override_recipe(recipe, **overrides) if overrides else recipe
+
+
+def augment_for(name: str) -> AugmentRecipe:
+    """The photometric recipe of a method's views (``medp2x.views.build_views`` reads it)."""
+    return method_class(name).augment
 
 
 def build_method(
@@ -51,7 +70,7 @@ def build_method(
 
     Pass ``recipe`` to reuse one built with ``recipe_for``; ``overrides`` apply on top.
     """
-    cls, _ = _lookup(name)
+    cls = method_class(name)
     if recipe is None:
         recipe = recipe_for(name, profile)
     elif recipe.method != cls.name:
@@ -66,6 +85,8 @@ __all__ = [
     "Recipe",
     "SSLMethod",
     "ViewSpec",
+    "augment_for",
     "build_method",
+    "method_class",
     "recipe_for",
 ]

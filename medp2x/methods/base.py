@@ -1,7 +1,9 @@
-"""What every SSL method shares: its recipe, the engine-facing hooks and the MLP heads.
+"""What every SSL method shares: its recipe, its views, the engine-facing hooks, and the
+statistics the collapse monitor reads.
 
 A method is an ``nn.Module`` holding the trained ``encoder`` (torchvision layout, saved
-unchanged as the next stage's backbone) plus its heads and any momentum copies. The engine
+unchanged as the next stage's backbone) plus its heads (``heads.py``) and any momentum copies
+(``momentum.py``); its loss is a function of ``losses.py``. The engine
 calls ``forward(views)`` inside DDP and the hooks on the unwrapped module around each
 optimizer step; everything a method does between steps (EMA, prototype normalisation and
 freezing, queues) lives in those hooks so the engine stays method-agnostic.
@@ -10,15 +12,19 @@ freezing, queues) lives in those hooks so the engine stays method-agnostic.
 from __future__ import annotations
 
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from medp2x.methods.losses import at_least_float32
 from medp2x.networks import feature_dim
+from medp2x.views import AugmentRecipe
 
 PROFILES = ("tiny", "full")
 OPTIMIZERS = ("lars", "sgd", "adam")
@@ -125,41 +131,6 @@ def validate_recipe(recipe: Recipe) -> None:
         raise ValueError(f"{recipe.method} needs at least 2 large views")
 
 
-def mlp(
-    dims: Sequence[int],
-    batch_norm: bool = True,
-    bias: bool = True,
-    last_batch_norm: bool = False,
-    last_bias: bool | None = None,
-) -> nn.Sequential:
-    """Linear layers ``dims[0] -> ... -> dims[-1]`` with (BN,) ReLU between them.
-
-    ``last_batch_norm`` adds a BN with a scale but no shift after the output, as the official
-    SimCLR head does (``linear_layer(..., use_bn=True, center=False)``). ``last_bias``
-    (default: ``bias``) sets the output layer's bias alone (BYOL's heads have none there).
-    """
-    if len(dims) < 2:
-        raise ValueError(f"an MLP needs at least input and output widths, got {list(dims)}")
-    layers: list[nn.Module] = []
-    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-        last = i == len(dims) - 2
-        has_bias = bias if not last or last_bias is None else last_bias
-        layers.append(nn.Linear(d_in, d_out, bias=has_bias))
-        if not last:
-            if batch_norm:
-                layers.append(nn.BatchNorm1d(d_out))
-            layers.append(nn.ReLU(inplace=True))
-    if last_batch_norm:
-        layers.append(_scale_only_batch_norm(dims[-1]))
-    return nn.Sequential(*layers)
-
-
-def _scale_only_batch_norm(width: int) -> nn.BatchNorm1d:
-    bn = nn.BatchNorm1d(width)
-    bn.register_parameter("bias", None)  # F.batch_norm accepts a missing shift
-    return bn
-
-
 @dataclass
 class StepState:
     """Where training is, as last reported by the engine (0-based epoch and iteration)."""
@@ -170,7 +141,11 @@ class StepState:
 
 
 class SSLMethod(nn.Module, ABC):
-    """Base of the four methods.
+    """Base of every method. A subclass declares, besides ``forward``:
+    - ``name``: its registry key (``medp2x.methods``);
+    - ``recipes``: its ``Recipe`` per profile (``"full"``: published, ``"tiny"``: CPU-sized);
+    - ``augment``: the photometric recipe of its views (``medp2x.views.AugmentRecipe``); crop
+      counts, sizes and area scales are in ``recipes[...].views``.
 
     Hooks, called by the engine on the unwrapped module:
     - ``on_before_optimizer_step(epoch, iteration)`` after ``backward``, before ``step``;
@@ -180,10 +155,12 @@ class SSLMethod(nn.Module, ABC):
     - ``reset_momentum_encoders()`` after weight surgery on a fresh run (copy online -> target).
     """
 
-    name: str = ""
+    name: ClassVar[str] = ""
+    recipes: ClassVar[dict[str, Recipe]] = {}
+    augment: ClassVar[AugmentRecipe]
     multi_crop: bool = False  # False: exactly two large views
     # BatchNorm statistics over the global batch on several GPUs (SyncBatchNorm), as SimCLR,
-    # BYOL and SwAV's originals; MoCo sets False: its shuffled BN needs per-GPU statistics.
+    # BYOL, SwAV and DINO's originals; MoCo sets False: its shuffled BN needs per-GPU statistics.
     sync_bn: bool = True
 
     def __init__(self, encoder: nn.Module, recipe: Recipe):
@@ -252,24 +229,27 @@ def embedding_spread(z: torch.Tensor) -> torch.Tensor:
     return z.std(dim=0).mean() * z.shape[1] ** 0.5
 
 
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """Losses run in float32 under bf16 autocast (float64 stays float64, for exact tests)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 @torch.no_grad()
-def copy_params(source: nn.Module, target: nn.Module) -> None:
-    """Make ``target`` an exact copy of ``source`` (parameters and buffers), frozen."""
-    target.load_state_dict(source.state_dict())
-    for p in target.parameters():
-        p.requires_grad_(False)
+def prediction_entropy(scores: torch.Tensor, temperature: float | torch.Tensor) -> torch.Tensor:
+    """Collapse monitor: mean entropy of softmax(s / T) over ln K. 1 means uniform predictions
+    (SwAV's loss then sits at ln K and nothing is learnt; DINO's teacher collapsed by its
+    centring); near 0, every row picks one prototype (DINO's teacher collapsed by sharpening
+    when that prototype is the same for all images)."""
+    log_p = F.log_softmax(at_least_float32(scores.detach()) / temperature, dim=1)
+    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
+    return entropy / math.log(scores.shape[1])
 
 
-@torch.no_grad()
-def ema_update(online: nn.Module, target: nn.Module, tau: float) -> None:
-    """``target <- tau * target + (1 - tau) * online`` for parameters; buffers (BN statistics)
-    stay the target's own, updated by its forward passes as in the BYOL and MoCo code."""
-    t_params = list(target.parameters())
-    o_params = list(online.parameters())
-    torch._foreach_mul_(t_params, tau)
-    torch._foreach_add_(t_params, [p.detach() for p in o_params], alpha=1.0 - tau)
+def frozen_at(epoch: int, iteration: int, epochs: int, iterations: int | None) -> bool:
+    """Whether a part frozen for the first ``iterations`` iterations (when set) or else the
+    first ``epochs`` epochs is still frozen (SwAV's prototypes, DINO's last layer)."""
+    if iterations is not None:
+        return iteration < iterations
+    return epoch < epochs
+
+
+def drop_gradients(module: nn.Module) -> None:
+    """Leave ``module`` out of the coming optimizer step: with no gradient, neither momentum
+    nor weight decay moves it (as SwAV and DINO freeze their last layers)."""
+    for p in module.parameters():
+        p.grad = None

@@ -25,7 +25,6 @@ stores the transpose) saved in checkpoints with its pointer, so a resumed run co
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -33,18 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from medp2x.distributed import broadcast, gather_no_grad, rank, world_size
-from medp2x.methods.base import (
-    Recipe,
-    SSLMethod,
-    ViewSpec,
-    at_least_float32,
-    check_profile,
-    copy_params,
-    ema_update,
-    embedding_spread,
-    mlp,
-    validate_recipe,
-)
+from medp2x.methods.base import Recipe, ViewSpec, embedding_spread
+from medp2x.methods.heads import mlp
+from medp2x.methods.losses import at_least_float32, info_nce
+from medp2x.methods.momentum import MomentumMethod, frozen_copy
+from medp2x.views import AugmentRecipe, ViewAugment
 
 
 @dataclass
@@ -62,49 +54,38 @@ class MoCoRecipe(Recipe):
     symmetric: bool = False
 
 
-def recipe(profile: str) -> MoCoRecipe:
-    check_profile(profile)
-    if profile == "full":
-        # MoCo v2 as used by HPT: SGD lr 0.03 x B/256, wd 1e-4, cosine, no warm-up, 200 epochs.
-        r = MoCoRecipe(
-            method="moco", profile="full", arch="resnet50", image_size=224,
-            batch_size=256, epochs=200, optimizer="sgd", base_lr=0.03,
-            weight_decay=1e-4, warmup_epochs=0,
-            views=ViewSpec(n_large=2, large_size=224, large_scale=(0.2, 1.0)),
-            temperature=0.2, queue_length=65536, key_momentum=0.999, proj_out_dim=128,
-        )  # fmt: skip
-    else:
-        # A queue that turns over in ~30 steps and a key network that follows quickly
-        # (m = 0.99, as lightly's small-scale MoCo benchmarks) for runs of a few hundred steps.
-        r = MoCoRecipe(
-            method="moco", profile="tiny", arch="resnet18", image_size=64,
-            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.12,  # lightly's 0.06 / 128
-            weight_decay=5e-4, warmup_epochs=0,
-            views=ViewSpec(n_large=2, large_size=64, large_scale=(0.2, 1.0)),
-            temperature=0.2, queue_length=1024, key_momentum=0.99, proj_out_dim=64,
-            bn_splits=2,
-        )  # fmt: skip
-    validate_recipe(r)
-    return r
+# full: MoCo v2 as used by HPT: SGD lr 0.03 x B/256, wd 1e-4, cosine, no warm-up, 200
+# epochs. tiny: a queue that turns over in ~30 steps and a key network that follows quickly
+# (m = 0.99, as lightly's small-scale MoCo benchmarks) for runs of a few hundred steps;
+# lightly's rate 0.06 / 128.
+RECIPES = {
+    "full": MoCoRecipe(
+        method="moco", profile="full", arch="resnet50", image_size=224,
+        batch_size=256, epochs=200, optimizer="sgd", base_lr=0.03,
+        weight_decay=1e-4, warmup_epochs=0,
+        views=ViewSpec(n_large=2, large_size=224, large_scale=(0.2, 1.0)),
+        temperature=0.2, queue_length=65536, key_momentum=0.999, proj_out_dim=128,
+    ),
+    "tiny": MoCoRecipe(
+        method="moco", profile="tiny", arch="resnet18", image_size=64,
+        batch_size=32, epochs=2, optimizer="sgd", base_lr=0.12,
+        weight_decay=5e-4, warmup_epochs=0,
+        views=ViewSpec(n_large=2, large_size=64, large_scale=(0.2, 1.0)),
+        temperature=0.2, queue_length=1024, key_momentum=0.99, proj_out_dim=64,
+        bn_splits=2,
+    ),
+}  # fmt: skip
+
+# MoCo v2 (main_moco.py --aug-plus): flip, colour jitter (0.4, 0.4, 0.4, 0.1) with p 0.8,
+# grayscale 0.2, blur with p 0.5; the same for both views.
+MOCO_V2_VIEW = ViewAugment(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
+AUGMENT = AugmentRecipe(large=(MOCO_V2_VIEW,), small=MOCO_V2_VIEW)
 
 
-def info_nce(
-    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
-) -> dict[str, torch.Tensor]:
-    """Cross-entropy of each query picking its key (index 0) among itself and the queue."""
-    q = F.normalize(at_least_float32(q), dim=1)
-    k = F.normalize(at_least_float32(k), dim=1).detach()
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    l_neg = q @ queue.detach().clone().to(q).T  # a copy: the queue changes before backward
-    logits = torch.cat([l_pos, l_neg], dim=1) / temperature
-    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
-    loss = F.cross_entropy(logits, labels)
-    top1 = (logits.detach().argmax(dim=1) == 0).float().mean()
-    return {"loss": loss, "top1": top1}
-
-
-class MoCo(SSLMethod):
+class MoCo(MomentumMethod):
     name = "moco"
+    recipes = RECIPES
+    augment = AUGMENT
     sync_bn = False  # shuffled BN instead: SyncBN would pool the statistics it keeps apart
 
     def __init__(self, encoder: nn.Module, recipe: MoCoRecipe):
@@ -116,21 +97,17 @@ class MoCo(SSLMethod):
             raise ValueError(f"moco bn_splits must be positive, got {r.bn_splits}")
         hidden = r.proj_hidden_dim or self.feature_dim
         self.projector = mlp([self.feature_dim, hidden, r.proj_out_dim], batch_norm=False)
-        self.key_encoder = copy.deepcopy(encoder)
-        self.key_projector = copy.deepcopy(self.projector)
-        self.reset_momentum_encoders()
+        self.key_encoder = frozen_copy(encoder)
+        self.key_projector = frozen_copy(self.projector)
         queue = F.normalize(torch.randn(r.queue_length, r.proj_out_dim), dim=1)
         self.register_buffer("queue", queue)
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
 
-    def reset_momentum_encoders(self) -> None:
-        copy_params(self.encoder, self.key_encoder)
-        copy_params(self.projector, self.key_projector)
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return [(self.encoder, self.key_encoder), (self.projector, self.key_projector)]
 
-    def on_after_optimizer_step(self, progress: float) -> None:
-        super().on_after_optimizer_step(progress)
-        ema_update(self.encoder, self.key_encoder, self.recipe.key_momentum)
-        ema_update(self.projector, self.key_projector, self.recipe.key_momentum)
+    def momentum(self, progress: float) -> float:
+        return self.recipe.key_momentum  # constant, as in MoCo
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_views(views)

@@ -14,23 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from medp2x.distributed import gather_with_grad, rank
-from medp2x.methods.base import (
-    Recipe,
-    SSLMethod,
-    ViewSpec,
-    at_least_float32,
-    check_profile,
-    embedding_spread,
-    mlp,
-    validate_recipe,
-)
-
-# The TF code masks self-similarities with a large finite number rather than -inf.
-_LARGE = 1e9
+from medp2x.methods.base import Recipe, SSLMethod, ViewSpec, embedding_spread
+from medp2x.methods.heads import mlp
+from medp2x.methods.losses import nt_xent
+from medp2x.views import AugmentRecipe, ViewAugment
 
 
 @dataclass
@@ -41,64 +30,39 @@ class SimCLRRecipe(Recipe):
     proj_batch_norm: bool = True
 
 
-def recipe(profile: str) -> SimCLRRecipe:
-    check_profile(profile)
-    if profile == "full":
-        # SimCLR v1, batch and epochs as in the P2X paper (Table 2 setting).
-        r = SimCLRRecipe(
-            method="simclr", profile="full", arch="resnet50", image_size=224,
-            batch_size=1024, epochs=1000, optimizer="lars", base_lr=0.3,
-            weight_decay=1e-6, warmup_epochs=10,
-            views=ViewSpec(n_large=2, large_size=224, large_scale=(0.08, 1.0)),
-            temperature=0.1, proj_out_dim=128,
-        )  # fmt: skip
-    else:
-        # Small images and batches: tau 0.5 and colour strength s = 0.5 (SimCLR v1's CIFAR
-        # setting, App. B.9), momentum SGD at lightly's small-image benchmark rate (0.06 per
-        # 128 images = 0.12 per 256); LARS is designed for large batches. Both were measured
-        # against lightly (docs/methods.md, "Parity with lightly"): s = 1 cost 6 points of
-        # linear probe on 32 px crops, base_lr 0.5 another 4.
-        r = SimCLRRecipe(
-            method="simclr", profile="tiny", arch="resnet18", image_size=64,
-            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.12,
-            weight_decay=5e-4, warmup_epochs=0,
-            views=ViewSpec(n_large=2, large_size=64, large_scale=(0.08, 1.0), color_strength=0.5),
-            temperature=0.5, proj_out_dim=64,
-        )  # fmt: skip
-    validate_recipe(r)
-    return r
+# SimCLR v1, batch and epochs as in the P2X paper (Table 2 setting); tiny: small images and
+# batches, tau 0.5 and colour strength s = 0.5 (SimCLR v1's CIFAR setting, App. B.9), momentum
+# SGD at lightly's small-image benchmark rate (0.06 per 128 images = 0.12 per 256); LARS is
+# designed for large batches. Both were measured against lightly (docs/methods.md, "Parity
+# with lightly"): s = 1 cost 6 points of linear probe on 32 px crops, base_lr 0.5 another 4.
+RECIPES = {
+    "full": SimCLRRecipe(
+        method="simclr", profile="full", arch="resnet50", image_size=224,
+        batch_size=1024, epochs=1000, optimizer="lars", base_lr=0.3,
+        weight_decay=1e-6, warmup_epochs=10,
+        views=ViewSpec(n_large=2, large_size=224, large_scale=(0.08, 1.0)),
+        temperature=0.1, proj_out_dim=128,
+    ),
+    "tiny": SimCLRRecipe(
+        method="simclr", profile="tiny", arch="resnet18", image_size=64,
+        batch_size=32, epochs=2, optimizer="sgd", base_lr=0.12,
+        weight_decay=5e-4, warmup_epochs=0,
+        views=ViewSpec(n_large=2, large_size=64, large_scale=(0.08, 1.0), color_strength=0.5),
+        temperature=0.5, proj_out_dim=64,
+    ),
+}  # fmt: skip
 
-
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
-    """NT-Xent of this rank's pairs against the global batch.
-
-    Each rank averages over its own 2n anchors; DDP's gradient averaging over W ranks then
-    yields the gradient of the mean over all 2nW anchors, i.e. the single-process loss.
-    Ranks must hold equal batch sizes (labels are offset by ``rank * n``).
-    """
-    z1 = F.normalize(at_least_float32(z1), dim=1)
-    z2 = F.normalize(at_least_float32(z2), dim=1)
-    z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
-    n = z1.shape[0]
-    labels = torch.arange(n, device=z1.device) + rank() * n
-    self_mask = F.one_hot(labels, z1_all.shape[0]).bool()
-    logits_aa = (z1 @ z1_all.T / temperature).masked_fill(self_mask, -_LARGE)
-    logits_bb = (z2 @ z2_all.T / temperature).masked_fill(self_mask, -_LARGE)
-    logits_ab = z1 @ z2_all.T / temperature
-    logits_ba = z2 @ z1_all.T / temperature
-    logits_a = torch.cat([logits_ab, logits_aa], dim=1)
-    logits_b = torch.cat([logits_ba, logits_bb], dim=1)
-    loss = (F.cross_entropy(logits_a, labels) + F.cross_entropy(logits_b, labels)) / 2
-    with torch.no_grad():
-        top1 = (
-            (logits_a.argmax(1) == labels).float().mean()
-            + (logits_b.argmax(1) == labels).float().mean()
-        ) / 2
-    return {"loss": loss, "top1": top1}
+# Chen et al. 2020, App. A: colour distortion at strength s = 1 (ColorJitter(0.8s, 0.8s, 0.8s,
+# 0.2s) with p 0.8, grayscale 0.2), blur with p 0.5 on both views; ``ViewSpec.color_strength``
+# scales the jitter.
+SIMCLR_VIEW = ViewAugment(brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2)
+AUGMENT = AugmentRecipe(large=(SIMCLR_VIEW,), small=SIMCLR_VIEW)
 
 
 class SimCLR(SSLMethod):
     name = "simclr"
+    recipes = RECIPES
+    augment = AUGMENT
 
     def __init__(self, encoder: nn.Module, recipe: SimCLRRecipe):
         super().__init__(encoder, recipe)

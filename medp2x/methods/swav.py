@@ -19,25 +19,26 @@ Follows facebookresearch/swav ``main_swav.py``:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medp2x.distributed import all_reduce_max, all_reduce_sum, world_size
+from medp2x.distributed import world_size
+from medp2x.methods import simclr
 from medp2x.methods.base import (
     Recipe,
     SSLMethod,
     ViewSpec,
-    at_least_float32,
-    check_profile,
+    drop_gradients,
     embedding_spread,
     encode_groups,
-    mlp,
-    validate_recipe,
+    frozen_at,
+    prediction_entropy,
 )
+from medp2x.methods.heads import Prototypes, mlp
+from medp2x.methods.losses import at_least_float32, sinkhorn, swapped_prediction_loss
 
 
 @dataclass
@@ -61,128 +62,60 @@ class SwAVRecipe(Recipe):
     final_lr_ratio: float = 0.001
 
 
-def recipe(profile: str) -> SwAVRecipe:
-    check_profile(profile)
-    if profile == "full":
-        # main_swav.py's ImageNet recipe (LARC lr 4.8 at B = 4096, i.e. 0.3 per 256; warm-up
-        # from 0.3, cosine to 0.0048, both scaled with the peak) at the P2X paper's batch 1024;
-        # queue 3840 from epoch 15 as the SwAV README advises below 4096.
-        r = SwAVRecipe(
-            method="swav", profile="full", arch="resnet50", image_size=224,
-            batch_size=1024, epochs=1000, optimizer="lars", base_lr=0.3,
-            weight_decay=1e-6, warmup_epochs=10,
-            views=ViewSpec(n_large=2, large_size=224, n_small=6, small_size=96,
-                           large_scale=(0.14, 1.0), small_scale=(0.05, 0.14)),
-            n_prototypes=3000, proj_hidden_dim=2048, proj_out_dim=128,
-            queue_length=3840, queue_start_epoch=15,
-        )  # fmt: skip
-    else:
-        # Few prototypes for a batch of 32; prototypes frozen for 20 iterations; a short queue
-        # from the second epoch (start it late: lightly #736/#1006, swav #37/#69). SwAV's views
-        # are SimCLR's: colour strength 0.5 on small images, as SimCLR's tiny recipe.
-        r = SwAVRecipe(
-            method="swav", profile="tiny", arch="resnet18", image_size=64,
-            batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
-            weight_decay=5e-4, warmup_epochs=0,
-            views=ViewSpec(n_large=2, large_size=64, n_small=2, small_size=32,
-                           large_scale=(0.14, 1.0), small_scale=(0.05, 0.14),
-                           color_strength=0.5),
-            n_prototypes=64, proj_hidden_dim=512, proj_out_dim=64,
-            freeze_prototypes_iters=20, queue_length=256, queue_start_epoch=1,
-        )  # fmt: skip
-    validate_recipe(r)
-    return r
-
-
-@torch.no_grad()
-def sinkhorn(scores: torch.Tensor, epsilon: float, iterations: int) -> torch.Tensor:
-    """Soft assignments (rows sum to 1) of B samples to K prototypes with equal cluster mass.
-
-    ``scores`` is this rank's B x K block; the K prototype marginals are summed over all ranks,
-    so the equipartition holds over the global batch, as in ``distributed_sinkhorn``. The
-    iterations are the original's, carried out on ``log Q``: ``exp(scores / eps)`` overflows
-    float32 for eps < 0.01 and whole rows underflow to 0 (then NaN) once shifted.
-    """
-    log_q = at_least_float32(scores).T / epsilon  # K x B
-    n_prototypes = log_q.shape[0]
-    n_samples = log_q.shape[1] * world_size()
-    log_q = log_q - _global_logsumexp(log_q.reshape(1, -1))  # Q /= sum(Q)
-    for _ in range(iterations):
-        log_q = log_q - _global_logsumexp(log_q) - math.log(n_prototypes)  # prototype mass 1/K
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(n_samples)
-    return torch.exp(log_q + math.log(n_samples)).T  # sample mass 1
-
-
-def _global_logsumexp(x: torch.Tensor) -> torch.Tensor:
-    """Row-wise ``log sum exp`` over the columns of ``x`` on every rank (shape R x 1)."""
-    peak = all_reduce_max(x.max(dim=1, keepdim=True).values.clone())
-    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    total = all_reduce_sum(torch.exp(x - peak).sum(dim=1, keepdim=True))
-    return torch.log(total) + peak
-
-
-def swapped_prediction_loss(
-    scores: torch.Tensor,
-    assignments: list[torch.Tensor],
-    n_views: int,
-    temperature: float,
-) -> torch.Tensor:
-    """Mean over assigned crops ``c`` and other crops ``v`` of ``-sum_k q_c log softmax(s_v / T)``.
-
-    ``scores`` holds ``n_views`` blocks of B rows in view order; ``assignments[c]`` is the B x K
-    assignment of crop ``c``.
-    """
-    blocks = at_least_float32(scores).chunk(n_views, dim=0)
-    log_probs = [F.log_softmax(block / temperature, dim=1) for block in blocks]
-    loss = scores.new_zeros((), dtype=log_probs[0].dtype)
-    for crop, q in enumerate(assignments):
-        others = [v for v in range(n_views) if v != crop]
-        subloss = sum(-(q * log_probs[v]).sum(dim=1).mean() for v in others)
-        loss = loss + subloss / len(others)
-    return loss / len(assignments)
-
-
-@torch.no_grad()
-def prediction_entropy(scores: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean entropy of softmax(s / T) over ln K: 1 means uniform predictions, the state where the
-    loss sits at ln K and nothing is learnt (see docs/methods.md, SwAV)."""
-    log_p = F.log_softmax(at_least_float32(scores.detach()) / temperature, dim=1)
-    entropy = -(log_p.exp() * log_p).sum(dim=1).mean()
-    return entropy / math.log(scores.shape[1])
+# full: main_swav.py's ImageNet recipe (LARC lr 4.8 at B = 4096, i.e. 0.3 per 256; warm-up
+# from 0.3, cosine to 0.0048, both scaled with the peak) at the P2X paper's batch 1024; queue
+# 3840 from epoch 15 as the SwAV README advises below 4096. tiny: few prototypes for a batch
+# of 32; prototypes frozen for 20 iterations; a short queue from the second epoch (start it
+# late: lightly #736/#1006, swav #37/#69); colour strength 0.5 on small images, as SimCLR's.
+RECIPES = {
+    "full": SwAVRecipe(
+        method="swav", profile="full", arch="resnet50", image_size=224,
+        batch_size=1024, epochs=1000, optimizer="lars", base_lr=0.3,
+        weight_decay=1e-6, warmup_epochs=10,
+        views=ViewSpec(n_large=2, large_size=224, n_small=6, small_size=96,
+                       large_scale=(0.14, 1.0), small_scale=(0.05, 0.14)),
+        n_prototypes=3000, proj_hidden_dim=2048, proj_out_dim=128,
+        queue_length=3840, queue_start_epoch=15,
+    ),
+    "tiny": SwAVRecipe(
+        method="swav", profile="tiny", arch="resnet18", image_size=64,
+        batch_size=32, epochs=2, optimizer="sgd", base_lr=0.5,
+        weight_decay=5e-4, warmup_epochs=0,
+        views=ViewSpec(n_large=2, large_size=64, n_small=2, small_size=32,
+                       large_scale=(0.14, 1.0), small_scale=(0.05, 0.14),
+                       color_strength=0.5),
+        n_prototypes=64, proj_hidden_dim=512, proj_out_dim=64,
+        freeze_prototypes_iters=20, queue_length=256, queue_start_epoch=1,
+    ),
+}  # fmt: skip
 
 
 class SwAV(SSLMethod):
     name = "swav"
+    recipes = RECIPES
+    augment = simclr.AUGMENT  # main_swav.py's colour distortion and blur are SimCLR's
     multi_crop = True
 
     def __init__(self, encoder: nn.Module, recipe: SwAVRecipe):
         super().__init__(encoder, recipe)
         self.projector = mlp([self.feature_dim, recipe.proj_hidden_dim, recipe.proj_out_dim])
-        self.prototypes = nn.Linear(recipe.proj_out_dim, recipe.n_prototypes, bias=False)
-        self.normalize_prototypes()
+        self.prototypes = Prototypes(recipe.proj_out_dim, recipe.n_prototypes)
         # Per-rank state, deliberately not a registered buffer: DDP would broadcast rank 0's
         # queue to every rank at each forward.
         self.queue: torch.Tensor | None = None
 
-    @torch.no_grad()
-    def normalize_prototypes(self) -> None:
-        self.prototypes.weight.copy_(F.normalize(self.prototypes.weight, dim=1))
-
     def prototypes_frozen(self, epoch: int, iteration: int) -> bool:
         r = self.recipe
-        if r.freeze_prototypes_iters is not None:
-            return iteration < r.freeze_prototypes_iters
-        return epoch < r.freeze_prototypes_epochs
+        return frozen_at(epoch, iteration, r.freeze_prototypes_epochs, r.freeze_prototypes_iters)
 
     def on_before_optimizer_step(self, epoch: int, iteration: int) -> None:
         super().on_before_optimizer_step(epoch, iteration)
         if self.prototypes_frozen(epoch, iteration):
-            for p in self.prototypes.parameters():
-                p.grad = None
+            drop_gradients(self.prototypes)
 
     def on_after_optimizer_step(self, progress: float) -> None:
         super().on_after_optimizer_step(progress)
-        self.normalize_prototypes()
+        self.prototypes.normalize()
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_views(views)
