@@ -47,7 +47,7 @@ def check_command_line(argv: list[str] | None = None) -> None:
     override MONAI would silently add to the config (``--batchsize 8``: did you mean
     batch_size?), a file or folder name MONAI would take as a reference or expression, and an
     ``on_error`` other than skip/raise. Does nothing outside ``python -m monai.bundle run``."""
-    from medp2x.engine import SettingError
+    from medp2x.settings import SettingError
 
     argv = sys.argv if argv is None else argv
     if not _is_bundle_run(argv):
@@ -100,7 +100,7 @@ def known_ids(config_file: str | None) -> set[str] | None:
 
 
 def check_overrides(overrides: Mapping[str, str], known: set[str] | None) -> None:
-    from medp2x.engine import SettingError
+    from medp2x.settings import SettingError
 
     for key, value in overrides.items():
         top = key.split("#", 1)[0]
@@ -137,7 +137,7 @@ def _looks_like_code(text: str) -> bool:
 
 def check_path_value(name: str, value: str, known: set[str] | None) -> None:
     """A file or folder name that MONAI would read as ``@reference`` or ``$expression``."""
-    from medp2x.engine import SettingError
+    from medp2x.settings import SettingError
 
     if value.startswith("@"):
         if known is not None and value[1:].split("#", 1)[0] in known:

@@ -72,7 +72,7 @@ class Stage:
     view_options: dict = field(default_factory=dict)
 
     def check(self) -> None:
-        from medp2x.engine import SettingError, check_choice, check_int, check_positive_number
+        from medp2x.settings import SettingError, check_choice, check_int, check_positive_number
 
         if not isinstance(self.name, str) or not self.name.replace("-", "_").isidentifier():
             raise SettingError(f"stage name {self.name!r} is not allowed: letters, digits, _")
@@ -147,7 +147,7 @@ class ChainJob:
 
     def run(self) -> list[StageResult]:
         """Run (or resume) every stage; user errors are one line and exit status 2."""
-        from medp2x.engine import SettingError
+        from medp2x.settings import SettingError
 
         try:
             return self._run()
@@ -190,7 +190,7 @@ class ChainJob:
         return results
 
     def _check(self, stages: list[Stage]) -> None:
-        from medp2x.engine import SettingError, check_choice, check_int
+        from medp2x.settings import SettingError, check_choice, check_int
 
         if not stages:
             raise SettingError("a chain needs at least one stage")

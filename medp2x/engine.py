@@ -19,18 +19,15 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ignite.distributed as idist
-import numpy as np
 import torch
 from ignite.engine import DeterministicEngine, Engine, Events
 from ignite.handlers import Checkpoint
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from medp2x import __version__, run_folder
 from medp2x.atomic import atomic_write, atomic_write_bytes, atomic_write_text
@@ -41,100 +38,21 @@ from medp2x.networks import (
     IMAGENET_STD,
     Normalize,
     build_encoder,
-    strided_convs_on_one_pixel,
 )
+from medp2x.precision import AmpDecision, resolve_amp, wants_sync_bn
+from medp2x.sampling import (
+    VIEW_STREAM,
+    EpochPlan,
+    PassSampler,
+    derived_seed,
+    plan_epochs,
+    resolve_epoch_length,
+)
+from medp2x.settings import check_pretrain_settings
 
 logger = logging.getLogger("medp2x.engine")
 
 CHECKPOINT_PREFIX = "checkpoint"
-
-
-# ----------------------------------------------------------------------------- settings
-class SettingError(ValueError):
-    """A run setting of the wrong type or range: one line naming the setting, the value given
-    and what is allowed (the bundle and the ``medp2x`` command print it without a traceback)."""
-
-
-def _allowed(name: str, value: Any, allowed: str) -> SettingError:
-    return SettingError(f"{name} = {value!r} is not allowed: {allowed}")
-
-
-def check_int(name: str, value: Any, minimum: int, optional: bool = True) -> None:
-    """An integer >= ``minimum`` (``None`` where optional). ``True`` and ``3.5`` are refused:
-    a command line's ``--image_size 3.5`` would otherwise be truncated, ``eight`` fail deep inside."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise _allowed(name, value, what + (" (or null for the default)" if optional else ""))
-
-
-def check_positive_number(name: str, value: Any, optional: bool = True) -> None:
-    """A finite number > 0 (``nan``, ``inf``, ``0``, text refused)."""
-    if value is None and optional:
-        return
-    number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-    if not number or not math.isfinite(value) or value <= 0:
-        raise _allowed(name, value, "a finite number > 0" + (" (or null)" if optional else ""))
-
-
-def check_choice(name: str, value: Any, choices: tuple) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise _allowed(name, value, "one of " + ", ".join(map(str, choices)))
-
-
-def check_normalization(value: Any) -> None:
-    """``auto``, ``imagenet``, ``none``/null, or ``{"mean": [...], "std": [...]}`` with std > 0."""
-    if value is None or value in ("auto", "imagenet", "none"):
-        return
-    allowed = 'auto, imagenet, none, or {"mean": [...], "std": [...]} with std > 0'
-    if not isinstance(value, dict) or not {"mean", "std"} <= set(value):
-        raise _allowed("normalization", value, allowed)
-    try:
-        mean, std = (np.asarray(value[k], dtype=np.float64).reshape(-1) for k in ("mean", "std"))
-    except (TypeError, ValueError):
-        raise _allowed("normalization", value, allowed) from None
-    if len(mean) != len(std) or not (np.isfinite(mean).all() and np.isfinite(std).all()):
-        raise _allowed("normalization", value, allowed)
-    if (std <= 0).any():
-        raise _allowed("normalization", value, allowed)
-
-
-def check_amp(value: Any) -> None:
-    try:
-        parse_amp(value)
-    except ValueError:
-        raise _allowed("amp", value, "true, false or auto") from None
-
-
-def check_pretrain_settings(cfg: PretrainConfig) -> None:
-    """Every setting a user can type, checked once where the run is built, before any file is
-    read or written: a wrong one is one line, not a traceback from deep inside training."""
-    from medp2x.checkpoints import GRAY_MODES
-    from medp2x.surgery import FILTER_MODES, SCALE_MODES
-
-    for name in ("image_size", "source_size", "batch_size", "epochs"):
-        check_int(name, getattr(cfg, name), minimum=1)
-    check_int("accumulation_steps", cfg.accumulation_steps, minimum=1, optional=False)
-    for name in ("epoch_length", "max_iterations"):  # sample counts: 1e5 is a fine spelling
-        value = getattr(cfg, name)
-        if isinstance(value, float) and value.is_integer():
-            setattr(cfg, name, int(value))
-    check_int("epoch_length", cfg.epoch_length, minimum=0)
-    check_int("max_iterations", cfg.max_iterations, minimum=1)
-    check_int("n_saved", cfg.n_saved, minimum=1)
-    for name in ("num_workers", "checkpoint_every", "seed"):
-        check_int(name, getattr(cfg, name), minimum=0, optional=False)
-    check_positive_number("lr", cfg.lr)
-    check_amp(cfg.amp)
-    check_normalization(cfg.normalization)
-    check_choice("modality", cfg.modality, ("rgb", "gray"))
-    check_choice("gray_stem", cfg.gray_stem, GRAY_MODES)
-    check_choice("scale", cfg.scale, SCALE_MODES)
-    check_choice("filters", cfg.filters, FILTER_MODES)
-    for name in ("method_options", "view_options"):
-        if not isinstance(getattr(cfg, name), dict):
-            raise _allowed(name, getattr(cfg, name), 'a dict, e.g. {"temperature": 0.2}')
 
 
 @dataclass
@@ -267,242 +185,6 @@ def resolve_recipe(cfg: PretrainConfig) -> Any:
     return recipe
 
 
-# --- What an epoch is (Ciga et al. §4) --------------------------------------------------------
-
-# Samples per epoch by profile. The paper fixes them "to fairly compare datasets with different
-# number of pretraining samples" (100,000, read as samples: 1000 epochs at batch 1024 are then
-# ~97,000 steps on any dataset). 0 means one pass over the data, the tiny profile's smoke runs.
-EPOCH_LENGTH = {"full": 100_000, "tiny": 0}
-
-# Independent random streams of one run, mixed with its seed (``derived_seed``).
-SAMPLER_STREAM, VIEW_STREAM = 0, 1
-
-
-def derived_seed(seed: int, *keys: int) -> int:
-    """A seed for the stream ``keys`` of run ``seed`` (NumPy's SeedSequence mixes them, so the
-    streams of nearby seeds, ranks or iterations do not overlap as ``seed + k`` would)."""
-    state = np.random.SeedSequence(seed % 2**64, spawn_key=keys).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))  # 63 bits: any torch.Generator takes it
-
-
-def resolve_epoch_length(cfg: PretrainConfig) -> int:
-    """Samples per epoch (all ranks together): the user's, else the profile's; 0: one pass.
-    The user's value was checked (and 1e5 made an int) by ``check_pretrain_settings``."""
-    return EPOCH_LENGTH[cfg.profile] if cfg.epoch_length is None else cfg.epoch_length
-
-
-@dataclass(frozen=True)
-class EpochPlan:
-    """How many samples and steps make an epoch and a run; every schedule counted in epochs
-    (warm-up, cosine, SwAV's frozen prototypes and queue start, checkpoints) uses these."""
-
-    dataset_size: int
-    global_batch_size: int
-    samples_per_epoch: int  # a whole number of global batches
-    iterations_per_epoch: int
-    epochs: int
-
-    @property
-    def total_iterations(self) -> int:
-        return self.epochs * self.iterations_per_epoch
-
-    @property
-    def passes_per_epoch(self) -> float:
-        return self.samples_per_epoch / self.dataset_size
-
-
-def plan_epochs(
-    dataset_size: int, global_batch_size: int, epochs: int, epoch_length: int
-) -> EpochPlan:
-    """Iterations per epoch = ``epoch_length // global batch`` (``epoch_length`` 0: one pass
-    over the data, at least one batch, so a set smaller than a batch still trains)."""
-    if dataset_size < 1:
-        raise ValueError("the dataset is empty: check data_dir and what the reader accepts")
-    if epoch_length and epoch_length < global_batch_size:
-        raise ValueError(
-            f"epoch_length {epoch_length} is less than one global batch of {global_batch_size} "
-            f"samples: raise epoch_length or lower batch_size"
-        )
-    samples = epoch_length or max(dataset_size, global_batch_size)
-    iterations = samples // global_batch_size
-    return EpochPlan(
-        dataset_size=dataset_size,
-        global_batch_size=global_batch_size,
-        samples_per_epoch=iterations * global_batch_size,
-        iterations_per_epoch=iterations,
-        epochs=int(epochs),
-    )
-
-
-class PassSampler(Sampler[int]):
-    """This rank's share of one epoch, taken from an endless stream of shuffled passes.
-
-    The stream concatenates passes over the dataset, pass ``p`` a permutation seeded by
-    ``(seed, p)``; epoch ``e`` is the stream's next ``samples_per_epoch`` indices, dealt to the
-    ranks in turn (rank ``r`` takes positions ``r, r + W, ...``, so no two ranks share one).
-    A set smaller than an epoch is seen in repeated passes (no image twice before every image
-    once), a larger one across epochs, and the order is a function of ``(seed, epoch)`` alone:
-    a resumed run draws the same batches whatever the random state (Ignite's
-    ReproducibleBatchSampler draws lazily, after the resumed RNG state is restored).
-    """
-
-    def __init__(
-        self,
-        dataset_size: int,
-        samples_per_epoch: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-        seed: int = 0,
-    ):
-        if dataset_size < 1 or samples_per_epoch < 1 or samples_per_epoch % num_replicas:
-            raise ValueError(
-                f"need a non-empty dataset and samples_per_epoch a multiple of the {num_replicas} "
-                f"ranks, got {dataset_size} samples and {samples_per_epoch} per epoch"
-            )
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
-        self.dataset_size, self.samples_per_epoch = dataset_size, samples_per_epoch
-        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.samples_per_epoch // self.num_replicas
-
-    def permutation(self, pass_index: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(derived_seed(self.seed, SAMPLER_STREAM, pass_index))
-        return torch.randperm(self.dataset_size, generator=g)
-
-    def epoch_indices(self, epoch: int) -> torch.Tensor:
-        """The indices of ``epoch`` for all ranks together, in stream order."""
-        start = epoch * self.samples_per_epoch
-        stop = start + self.samples_per_epoch
-        first, last = start // self.dataset_size, (stop - 1) // self.dataset_size
-        stream = torch.cat([self.permutation(p) for p in range(first, last + 1)])
-        offset = start - first * self.dataset_size
-        return stream[offset : offset + self.samples_per_epoch]
-
-    def __iter__(self) -> Iterator[int]:
-        indices = self.epoch_indices(self.epoch)[self.rank :: self.num_replicas]
-        return iter(indices.tolist())
-
-
-# --- Precision and batch statistics on the device ---------------------------------------------
-
-AMP_CHOICES = {"auto": "auto", "true": "true", "false": "false", "1": "true", "0": "false"}
-
-
-@dataclass(frozen=True)
-class AmpDecision:
-    """Whether this run computes in bf16 autocast, and why (written to run_config.json)."""
-
-    requested: str  # "auto", "true" or "false"
-    enabled: bool
-    reason: str
-
-
-def parse_amp(value: bool | str | None) -> str:
-    """``amp`` as given in Python (True/False/"auto") or on a bundle's command line ("true")."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    choice = AMP_CHOICES.get(str(value).strip().lower())
-    if choice is None:
-        raise ValueError(f"amp must be true, false or auto, got {value!r}")
-    return choice
-
-
-def cpu_bf16_features(cpuinfo: str | Path = "/proc/cpuinfo") -> list[str]:
-    """The native bf16 instructions of this CPU: AVX512_BF16 and/or AMX (oneDNN's fast bf16
-    paths). ``torch.backends.cpu.get_cpu_capability()`` says only "AVX512" on such CPUs, so ask
-    torch's cpuinfo probes, else read the Linux flags."""
-    probes = {"AVX512_BF16": "_is_avx512_bf16_supported", "AMX": "_is_amx_tile_supported"}
-    if all(hasattr(torch.cpu, probe) for probe in probes.values()):
-        return [name for name, probe in probes.items() if getattr(torch.cpu, probe)()]
-    try:
-        flags = set(Path(cpuinfo).read_text().split())
-    except OSError:
-        return []
-    return [
-        name
-        for name, flag in (("AVX512_BF16", "avx512_bf16"), ("AMX", "amx_bf16"))
-        if flag in flags
-    ]
-
-
-def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """Does ``device`` compute bf16 natively (True), or emulate it, many times slower than fp32?"""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        if torch.cuda.is_bf16_supported(including_emulation=False):
-            return True, f"{name} computes bf16 natively"
-        return False, f"{name} has no native bf16 (it needs compute capability 8.0 or later)"
-    if device.type == "cpu":
-        features = cpu_bf16_features()
-        if features:
-            return True, f"this CPU computes bf16 natively ({' and '.join(features)})"
-        return False, (
-            f"this CPU ({torch.backends.cpu.get_cpu_capability()}) has neither AVX512_BF16 nor "
-            "AMX, so bf16 is emulated and many times slower than fp32"
-        )
-    return False, f"no native-bf16 check for {device.type} devices"
-
-
-def resolve_amp(
-    amp: bool | str | None,
-    device: torch.device,
-    encoder: torch.nn.Module,
-    views: Any,
-    channels: int,
-) -> AmpDecision:
-    """bf16 autocast: ``auto`` turns it on where the device computes bf16 natively and the crops
-    are safe for it; an explicit ``true`` is obeyed (with a warning where bf16 is emulated) but
-    still refused where it would give wrong gradients (``check_bf16_view_sizes``)."""
-    requested = parse_amp(amp)
-    if requested == "false":
-        return AmpDecision(requested, False, "amp=false")
-    native, why = native_bf16(device)
-    if requested == "true":
-        if device.type == "cpu":
-            check_bf16_view_sizes(encoder, views, channels)
-        if not native:
-            message = f"amp=true, but {why}: expect a slower run than with amp=false"
-            logger.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=2)
-        return AmpDecision(requested, True, f"amp=true; {why}")
-    if native and device.type == "cpu":
-        smallest = min(views.sizes())
-        bad = strided_convs_on_one_pixel(encoder, smallest, channels)
-        if bad:  # the guard of check_bf16_view_sizes, as a reason to stay in fp32
-            native, why = (
-                False,
-                (
-                    f"{why}, but its {smallest} px crops give 1 x 1 maps to strided convolutions "
-                    f"({', '.join(bad)}), whose bf16 weight gradients are wrong on CPU"
-                ),
-            )
-    decision = AmpDecision(requested, native, f"amp=auto: {'bf16' if native else 'fp32'}, {why}")
-    logger.info(decision.reason)
-    return decision
-
-
-def wants_sync_bn(method: torch.nn.Module, device: torch.device) -> bool:
-    """SyncBatchNorm across processes where the method's original uses it (SimCLR, BYOL, SwAV;
-    not MoCo, whose shuffled BN needs each GPU's own statistics) and where torch has it (CUDA:
-    CPU processes each keep their own BN statistics)."""
-    wanted = bool(getattr(method, "sync_bn", True)) and idist.get_world_size() > 1
-    if wanted and device.type != "cuda":
-        logger.info(
-            "SyncBatchNorm runs on CUDA only: each of the %d %s processes normalises over its own "
-            "batch",
-            idist.get_world_size(),
-            device.type,
-        )
-        return False
-    return wanted
-
-
 def first_stage_encoder(
     cfg: PretrainConfig, arch: str, encoder: torch.nn.Module | None = None
 ) -> tuple[torch.nn.Module, Any]:
@@ -562,19 +244,6 @@ def random_init(encoder: torch.nn.Module, seed: int) -> torch.nn.Module:
 
 def first_conv_channels(encoder: torch.nn.Module) -> int:
     return next(m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
-
-
-def check_bf16_view_sizes(encoder: torch.nn.Module, views: Any, channels: int) -> None:
-    """bf16 autocast on CPU gets the weight gradients of strided convolutions on 1 x 1 maps
-    wrong (``networks.strided_convs_on_one_pixel``): refuse crops that produce them."""
-    smallest = min(views.sizes())
-    bad = strided_convs_on_one_pixel(encoder, smallest, channels)
-    if bad:
-        raise ValueError(
-            f"amp (bf16 autocast) on CPU computes wrong weight gradients for strided "
-            f"convolutions of 1 x 1 feature maps, and {smallest} px crops give those in "
-            f"{', '.join(bad)}: use larger crops (views.small_size / image_size) or amp=False"
-        )
 
 
 def check_finite(loss: torch.Tensor, engine: Engine, method: str, ckpt_dir: Path) -> None:

@@ -101,7 +101,7 @@ class P2XJob:
     def check_settings(self) -> None:
         """Every setting as given, before any file is read or written (``PretrainConfig``
         checks the same ones again for the Python API)."""
-        from medp2x.engine import (
+        from medp2x.settings import (
             check_amp,
             check_choice,
             check_int,
@@ -307,7 +307,7 @@ class P2XJob:
 
 def check_output_dir(path: str | Path, name: str = "output_dir") -> Path:
     """The run folder, created if absent; one line where it is a file or cannot be written."""
-    from medp2x.engine import SettingError
+    from medp2x.settings import SettingError
 
     if not isinstance(path, (str, Path)) or not str(path):
         raise SettingError(f"{name} = {path!r} is not allowed: a folder path")

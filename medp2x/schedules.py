@@ -29,7 +29,7 @@ from torch import nn
 logger = logging.getLogger("medp2x.schedules")
 
 TRAINABLE = ("all", "bn", "last_stage")
-RESTORE_STREAM = 2  # engine.derived_seed stream of a restored layer4 (0, 1: sampler, views)
+RESTORE_STREAM = 2  # sampling.derived_seed stream of a restored layer4 (0, 1: sampler, views)
 
 
 # ----------------------------------------------------------------------------- trainable parts
@@ -91,8 +91,9 @@ def restore_last_stage(state: dict[str, torch.Tensor], arch: str, seed: int) -> 
     """``state`` with a fresh ``layer4`` (torchvision's init, from its own stream of ``seed``,
     not the untrained ``layer4`` a random-init run of the same seed carried along): S3L loads
     conv1-conv4 from the small-architecture run and starts conv5 anew."""
-    from medp2x.engine import derived_seed, random_init
+    from medp2x.engine import random_init
     from medp2x.networks import build_encoder
+    from medp2x.sampling import derived_seed
 
     channels = int(state["conv1.weight"].shape[1])
     fresh = build_encoder(arch, in_channels=channels)

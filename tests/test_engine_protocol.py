@@ -14,22 +14,16 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import medp2x.engine as engine
+import medp2x.precision as precision
+import medp2x.sampling as sampling
 from medp2x.checkpoints import torch_load_safe
-from medp2x.engine import (
-    EPOCH_LENGTH,
-    PassSampler,
-    PretrainConfig,
-    latest_checkpoint,
-    parse_amp,
-    plan_epochs,
-    pretrain,
-    resolve_amp,
-    wants_sync_bn,
-)
+from medp2x.engine import PretrainConfig, latest_checkpoint, pretrain
 from medp2x.methods import METHODS, build_method, recipe_for
 from medp2x.methods.base import ViewSpec
 from medp2x.networks import build_encoder
 from medp2x.optim import build_optimizer
+from medp2x.precision import parse_amp, resolve_amp, wants_sync_bn
+from medp2x.sampling import EPOCH_LENGTH, PassSampler, plan_epochs
 
 
 class Noise(Dataset):
@@ -143,7 +137,7 @@ def test_sampler_draws_are_identical_across_a_resume(tmp_path):
 
 def test_epoch_length_defaults_by_profile_and_bad_values_are_named():
     def length(**kw) -> int:
-        return engine.resolve_epoch_length(PretrainConfig(dataset=[], output_dir=".", **kw))
+        return sampling.resolve_epoch_length(PretrainConfig(dataset=[], output_dir=".", **kw))
 
     assert length(profile="full") == 100_000 and length(profile="tiny") == 0
     assert length(profile="full", epoch_length=0) == 0  # one pass, asked for explicitly
@@ -196,7 +190,7 @@ def _decide(amp, crop: int = 32):
 
 
 def test_amp_auto_follows_the_cpus_native_bf16(monkeypatch, caplog):
-    monkeypatch.setattr(engine, "cpu_bf16_features", lambda: [])
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
     with caplog.at_level(logging.INFO, logger="medp2x.engine"):
         off = _decide("auto")
     assert not off.enabled and "neither AVX512_BF16 nor AMX" in off.reason
@@ -205,7 +199,7 @@ def test_amp_auto_follows_the_cpus_native_bf16(monkeypatch, caplog):
         assert _decide(True).enabled  # obeyed, with a warning
     assert not _decide("false").enabled
 
-    monkeypatch.setattr(engine, "cpu_bf16_features", lambda: ["AVX512_BF16"])
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ["AVX512_BF16"])
     on = _decide("auto")
     assert on.enabled and on.requested == "auto" and "AVX512_BF16" in on.reason
     # 16 px crops give layer4 1 x 1 maps, where oneDNN's bf16 weight gradient is wrong:
@@ -228,29 +222,29 @@ def test_amp_settings_parse_and_gpus_are_checked(monkeypatch):
         parse_amp("fast")
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert engine.native_bf16(torch.device("cuda")) == (
+    assert precision.native_bf16(torch.device("cuda")) == (
         False,
         "Tesla V100 has no native bf16 (it needs compute capability 8.0 or later)",
     )
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert engine.native_bf16(torch.device("cuda"))[0]
+    assert precision.native_bf16(torch.device("cuda"))[0]
 
 
 def test_cpu_bf16_features_from_torch_or_the_linux_flags(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert engine.cpu_bf16_features() == ["AMX"]
+    assert precision.cpu_bf16_features() == ["AMX"]
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch: read the flags
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n")
-    assert engine.cpu_bf16_features(cpuinfo) == ["AVX512_BF16"]
+    assert precision.cpu_bf16_features(cpuinfo) == ["AVX512_BF16"]
     cpuinfo.write_text("flags\t\t: fpu sse avx2\n")
-    assert engine.cpu_bf16_features(cpuinfo) == []
-    assert engine.cpu_bf16_features(tmp_path / "missing") == []
+    assert precision.cpu_bf16_features(cpuinfo) == []
+    assert precision.cpu_bf16_features(tmp_path / "missing") == []
 
 
 def test_the_amp_decision_is_recorded_with_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(engine, "cpu_bf16_features", lambda: [])
+    monkeypatch.setattr(precision, "cpu_bf16_features", lambda: [])
     summary = run(tmp_path, "run", Noise(8), image_size=32, max_iterations=1)
     record = json.loads((tmp_path / "run" / "run_config.json").read_text())
     assert not summary.amp and record["amp"]["requested"] == "auto"

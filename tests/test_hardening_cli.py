@@ -14,8 +14,9 @@ import torchvision
 from medp2x.bundle import check_command_line
 from medp2x.checkpoints import read_checkpoint
 from medp2x.cli import main
-from medp2x.engine import PretrainConfig, SettingError
+from medp2x.engine import PretrainConfig
 from medp2x.pipeline import P2XJob
+from medp2x.settings import SettingError
 
 
 # ------------------------------------------------------------------ class 8: surgery keeps fc
