@@ -34,23 +34,10 @@ PER_RANK = 4
 EQUIVALENCE_METHODS = ("simclr", "swav", "byol")
 
 
-def _encoder() -> nn.Module:
-    net = nn.Sequential(
-        nn.Conv2d(3, 6, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(6, 12, 3, stride=2, padding=1),
-        nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(),
-    )
-    net.feature_dim = 12
-    return net
-
-
 def _method(name: str) -> nn.Module:
     torch.manual_seed(0)
     overrides = {"swav": {"n_prototypes": 10, "queue_length": 0}}.get(name, {})
-    method = build_method(name, _encoder(), "tiny", **overrides).double()
+    method = build_method(name, distributed_worker.tiny_encoder(), "tiny", **overrides).double()
     return method.eval()
 
 
@@ -84,7 +71,9 @@ def _rank_worker(local_rank: int, out_file: str) -> None:
 def _moco_on_rank(rank: int) -> dict[str, torch.Tensor]:
     """Train-mode MoCo step: keys through the cross-rank shuffle, global-batch enqueue."""
     torch.manual_seed(0)
-    method = build_method("moco", _encoder(), "tiny", queue_length=32).double()
+    method = build_method(
+        "moco", distributed_worker.tiny_encoder(), "tiny", queue_length=32
+    ).double()
     model = DistributedDataParallel(method)
     views = [v[rank * PER_RANK : (rank + 1) * PER_RANK] for v in _global_views("moco")]
     with torch.no_grad():
@@ -140,7 +129,9 @@ def test_moco_shuffled_keys_and_global_enqueue(two_process_results):
     distributed = two_process_results["moco"]
     assert float(distributed["shuffle_error"]) < 1e-12
     torch.manual_seed(0)
-    single = build_method("moco", _encoder(), "tiny", queue_length=32).double()
+    single = build_method(
+        "moco", distributed_worker.tiny_encoder(), "tiny", queue_length=32
+    ).double()
     keys = torch.nn.functional.normalize(single._key_forward(_global_views("moco")[1]), dim=1)
     torch.testing.assert_close(distributed["queue"][: WORLD * PER_RANK], keys.detach())
     torch.testing.assert_close(
