@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import user_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,27 +81,7 @@ def test_missing_ssl_checkpoint_is_one_clear_error(tmp_path):
 
 def test_bundle_runs_on_user_data_with_overrides_only(tmp_path):
     """The README's real-data command: slides folder, a first-stage checkpoint, a labelled folder."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    from medp2x.data.wsi import write_pyramidal_tiff
-    from medp2x.networks import build_encoder
-
-    rng = np.random.default_rng(0)
-    slides = tmp_path / "slides"
-    slides.mkdir()
-    tissue = np.full((256, 256, 3), 235, np.uint8)
-    tissue[32:224, 32:224] = rng.integers(60, 200, (192, 192, 3), dtype=np.uint8)
-    write_pyramidal_tiff(slides / "case1.tiff", tissue, tile=64, levels=2, mpp=0.5)
-    labelled = tmp_path / "labelled"
-    for c, colour in enumerate([(200, 60, 60), (60, 60, 200)]):
-        (labelled / f"class{c}").mkdir(parents=True)
-        for i in range(6):
-            image = np.clip(np.array(colour) + rng.integers(-30, 30, (32, 32, 3)), 0, 255)
-            Image.fromarray(image.astype(np.uint8)).save(labelled / f"class{c}" / f"{i}.png")
-    ckpt = tmp_path / "imagenet_ssl.pth"
-    torch.save(build_encoder("resnet18").state_dict(), ckpt)  # a plain torchvision layout file
+    slides, ckpt, labelled = user_data(tmp_path)
     out = tmp_path / "run"
     result = run_bundle(
         "--data_dir", str(slides), "--ssl_checkpoint", str(ckpt), "--eval_dir", str(labelled),

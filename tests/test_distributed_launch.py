@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import user_data
 from torch.utils.data import Dataset, IterableDataset
 
 from medp2x import distributed
@@ -105,36 +106,11 @@ def test_the_slurm_script_is_shellcheck_clean():
     assert result.returncode == 0, result.stdout
 
 
-def _user_data(root: Path) -> tuple[Path, Path, Path]:
-    """A slide, a first-stage checkpoint and a labelled folder, as tests/test_bundle.py's."""
-    import numpy as np
-    from PIL import Image
-
-    from medp2x.data.wsi import write_pyramidal_tiff
-    from medp2x.networks import build_encoder
-
-    rng = np.random.default_rng(0)
-    slides = root / "slides"
-    slides.mkdir()
-    tissue = np.full((256, 256, 3), 235, np.uint8)
-    tissue[32:224, 32:224] = rng.integers(60, 200, (192, 192, 3), dtype=np.uint8)
-    write_pyramidal_tiff(slides / "case1.tiff", tissue, tile=64, levels=2, mpp=0.5)
-    labelled = root / "labelled"
-    for c, colour in enumerate([(200, 60, 60), (60, 60, 200)]):
-        (labelled / f"class{c}").mkdir(parents=True)
-        for i in range(6):
-            image = np.clip(np.array(colour) + rng.integers(-30, 30, (32, 32, 3)), 0, 255)
-            Image.fromarray(image.astype(np.uint8)).save(labelled / f"class{c}" / f"{i}.png")
-    ckpt = root / "imagenet_ssl.pth"
-    torch.save(build_encoder("resnet18").state_dict(), ckpt)
-    return slides, ckpt, labelled
-
-
 def test_the_slurm_scripts_torchrun_command_runs_a_bundle_on_two_ranks(tmp_path):
     """scripts/pretrain.sbatch without srun, on one node: torchrun starts 2 gloo ranks of the
     histology bundle with the multi-GPU overlay (15 tiles: one step of 8 per epoch). One report, and every
     file written once, by rank 0 (rank 1 writing too would duplicate rows of loss.csv)."""
-    slides, ckpt, labelled = _user_data(tmp_path)
+    slides, ckpt, labelled = user_data(tmp_path)
     out = tmp_path / "run"
     env = {
         **os.environ,
