@@ -98,6 +98,13 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--budget", choices=BUDGETS, default="default")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--implementations",
+        nargs="+",
+        choices=IMPLEMENTATIONS,
+        default=list(IMPLEMENTATIONS),
+        help="train only these (e.g. medp2x ablations against a published lightly row)",
+    )
     parser.add_argument("--iterations", type=int, help="override the budget's iterations")
     parser.add_argument("--batch-size", type=int, help="override the budget's batch")
     parser.add_argument("--crop-size", type=int, help="override the budget's crop size (px)")
@@ -129,6 +136,13 @@ def parse_args() -> argparse.Namespace:
         metavar="[METHOD.]NAME=VALUE",
         help="medp2x recipe override, e.g. moco.symmetric=true (lightly's MoCo is symmetric); "
         "[METHOD.]view.NAME=VALUE sets an augmentation strength, e.g. simclr.view.hue=0.1",
+    )
+    parser.add_argument(
+        "--lightly-views",
+        choices=("lightly", "medp2x"),
+        default="lightly",
+        help="lightly's side makes its views with lightly's transforms (default) or, as an "
+        "ablation, with medp2x's batch augmentation (isolates the augmentation pipeline)",
     )
     parser.add_argument(
         "--reuse",
@@ -269,6 +283,7 @@ def run_spec(method: str, implementation: str, s: Settings, args: argparse.Names
         "checkpoint_every": s.checkpoint_every,
         "medp2x_options": options if implementation == "medp2x" else {},
         "medp2x_view_options": view_options if implementation == "medp2x" else {},
+        "lightly_views": args.lightly_views if implementation == "lightly" else "lightly",
     }
 
 
@@ -283,7 +298,7 @@ def pretrain_all(s: Settings, args: argparse.Namespace, runs_root: Path) -> dict
     """Every (method, implementation) pretraining, each in a fresh process; returns their
     ``result.json`` contents keyed by (method, implementation)."""
     results = {}
-    jobs = [(m, i) for m in args.methods for i in IMPLEMENTATIONS]
+    jobs = [(m, i) for m in args.methods for i in args.implementations]
     for n, (method, implementation) in enumerate(jobs, 1):
         run_dir = runs_root / f"{method}_{implementation}"
         spec = run_spec(method, implementation, s, args)
@@ -534,6 +549,8 @@ def header(s: Settings, probe: Probe, args: argparse.Namespace) -> list[str]:
         "saved": "as saved for pretrained encoders, re-averaged for random inits",
     }[args.bn_stats]
     options = "".join(f", medp2x {o}" for o in args.medp2x_option)
+    if args.lightly_views != "lightly":
+        options += f", lightly's views made by {args.lightly_views}'s augmentation"
     return [
         f"# Parity with lightly: `{s.budget}` budget",
         "",

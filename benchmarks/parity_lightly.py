@@ -17,6 +17,10 @@ something else, the line says so:
   steps once per epoch over its epochs);
 - BYOL's target momentum follows ``cosine_schedule(step, steps, 0.99, 1)`` as lightly's
   ImageNet BYOL benchmark (the BYOL original); the CIFAR benchmark keeps 0.99 constant;
+- ``views="medp2x"`` (an ablation, ``parity.py --lightly-views medp2x``) replaces lightly's
+  per-sample transform by medp2x's batch augmentation of the same method (tiny recipe, blur
+  off), run in the loop on uint8 batches: everything else stays lightly's, so a change in the
+  probe isolates the augmentation pipeline;
 - SwAV gets the crops of medp2x's tiny recipe (2 large + small ones, so both do the same work
   per image) and the queue and frozen prototypes of lightly's SwAV-with-queue example, which
   small batches need.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 import time
 from functools import partial
@@ -245,6 +250,22 @@ def prediction_entropy(scores: Tensor, temperature: float) -> float:
     return float(-(log_p.exp() * log_p).sum(1).mean() / math.log(scores.shape[1]))
 
 
+def medp2x_views(method, crop_size, small_size, n_small, seed, device):
+    """medp2x's batch augmentation for ``method`` (its tiny recipe at these crop sizes, blur
+    off as on both sides of the benchmark), ImageNet-normalised: uint8 batch -> views."""
+    from medp2x.methods import recipe_for
+    from medp2x.views import build_views
+
+    spec = recipe_for(method, "tiny", image_size=crop_size).views
+    if n_small:
+        spec = dataclasses.replace(spec, small_size=small_size, n_small=n_small)
+    augment = build_views(method, "rgb", spec, device, overrides={"blur_p": 0.0})
+    generator = torch.Generator().manual_seed(seed + 1)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
+    return lambda images: [(v - mean) / std for v in augment(images, generator)]
+
+
 METHODS = {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "swav": SwAV}
 
 
@@ -275,6 +296,7 @@ def train(
     workers: int,
     checkpoint_every: int,
     progress: bool = True,
+    views: str = "lightly",
 ) -> dict:
     """Pretrain ``method`` for ``iterations`` steps; write ``loss.csv``, ``encoder.pt``
     (torchvision state dict) and every ``checkpoint_every`` a backbone; return timings."""
@@ -286,8 +308,14 @@ def train(
     torch.manual_seed(seed)  # the backbone is built first: the same init as medp2x's
     model = METHODS[method](crop_size=crop_size, small_size=small_size, n_small=n_small)
     model = model.to(device).train()
+    transform, make_views = model.transform, None
+    if views == "medp2x":
+        transform = torchvision.transforms.PILToTensor()  # uint8; views made per batch below
+        make_views = medp2x_views(method, crop_size, small_size, n_small, seed, device)
+    elif views != "lightly":
+        raise ValueError(f"views must be 'lightly' or 'medp2x', not {views!r}")
     loader = DataLoader(
-        LightlyDataset(input_dir=data, transform=model.transform),
+        LightlyDataset(input_dir=data, transform=transform),
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
@@ -304,10 +332,11 @@ def train(
     finished, epoch, times, diagnostics = 0, 0, [], []
     bar = tqdm(total=iterations, desc=f"lightly {method}", disable=not progress)
     while finished < iterations:
-        for views, _, _ in loader:
-            views = [v.to(device, non_blocking=True) for v in views]
+        for batch, _, _ in loader:
+            batch = make_views(batch) if make_views else batch
+            batch = [v.to(device, non_blocking=True) for v in batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, logs = model.training_loss(views, finished, schedule_iterations, epoch)
+                loss, logs = model.training_loss(batch, finished, schedule_iterations, epoch)
             if not torch.isfinite(loss.detach()):
                 raise FloatingPointError(f"lightly {method}: loss {float(loss)} at step {finished}")
             loss.backward()

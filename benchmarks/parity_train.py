@@ -193,6 +193,7 @@ def train_lightly(spec: dict, out: Path) -> dict:
         amp=spec["amp"],
         workers=spec["workers"],
         checkpoint_every=spec["checkpoint_every"],
+        views=spec.get("lightly_views", "lightly"),
     )
     logs = run["diagnostics"]
     checkpoints = {

@@ -130,6 +130,42 @@ def test_simclr_head_width_follows_encoder():
         method([torch.rand(2, 3, 32, 32)])
 
 
+def test_simclr_bn_statistics_span_both_views_unless_per_view():
+    """TF SimCLR normalises the encoder's BN over both views (one batch of 2N); lightly and
+    solo-learn over each view alone. ``bn_per_view`` must give exactly the per-view pass."""
+    views = random_views("simclr", batch=6)
+    encoder = tiny_encoder(batch_norm=True)
+    joint = build_method("simclr", encoder, recipe=recipe_for("simclr", "tiny"))
+    per_view = build_method(
+        "simclr", encoder, recipe=recipe_for("simclr", "tiny", bn_per_view=True)
+    )
+    per_view.projector.load_state_dict(joint.projector.state_dict())
+    tau = joint.recipe.temperature
+
+    def loss(method) -> float:
+        return float(method(views)["loss"].detach())
+
+    with torch.no_grad():
+        z0, z1 = (joint.projector(encoder(v)) for v in views)
+        z = joint.projector(encoder(torch.cat(views)))
+        by_view = float(nt_xent(z0, z1, tau)["loss"])
+        together = float(nt_xent(z[:6], z[6:], tau)["loss"])
+    assert loss(per_view) == pytest.approx(by_view, rel=1e-6)
+    assert loss(joint) == pytest.approx(together, rel=1e-6)
+    assert abs(together - by_view) > 1e-4  # the two passes really differ
+
+
+def test_simclr_head_ends_in_scale_only_bn_or_in_a_biased_linear():
+    tf_head = build_method("simclr", tiny_encoder(), "tiny").projector
+    assert type(tf_head[-1]).__name__ == "BatchNorm1d" and tf_head[-1].bias is None
+    assert tf_head[-2].bias is None
+    lightly_head = build_method(
+        "simclr", tiny_encoder(), recipe=recipe_for("simclr", "tiny", proj_last_batch_norm=False)
+    ).projector
+    assert [type(m).__name__ for m in lightly_head] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    assert lightly_head[0].bias is None and lightly_head[-1].bias is not None
+
+
 # --------------------------------------------------------------------------- SwAV
 
 
@@ -312,7 +348,7 @@ def test_byol_loss_is_symmetrised_and_target_gets_no_gradient():
         z1 = method.target_projector(method.target_encoder(v1))
         z2 = method.target_projector(method.target_encoder(v2))
     expected = (regression_loss(p1, z2) + regression_loss(p2, z1)).mean()
-    assert float(out["loss"].detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert float(out["loss"].detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
     out["loss"].backward()
     assert all(p.grad is None and not p.requires_grad for p in method.target_encoder.parameters())
     assert all(p.grad is not None for p in method.encoder.parameters())

@@ -122,3 +122,25 @@ def test_view_options_go_to_the_augmentations_and_the_rest_to_the_recipe():
     assert parity.is_view_option("view.brightness=0.4")
     assert not parity.is_view_option("simclr.base_lr=0.12")
     assert not parity.is_view_option("views={}")
+
+
+def test_lightly_loop_can_take_medp2x_views_of_the_same_recipe():
+    """The augmentation ablation (``--lightly-views medp2x``): lightly's loop gets exactly
+    medp2x's tiny-recipe views (blur off), ImageNet-normalised as medp2x's engine does."""
+    pytest.importorskip("lightly")
+    import parity_lightly
+
+    from medp2x.methods import recipe_for
+    from medp2x.views import build_views
+
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    make = parity_lightly.medp2x_views("simclr", 32, 16, 0, seed=5, device="cpu")
+    views = make(images)
+    spec = recipe_for("simclr", "tiny", image_size=32).views
+    augment = build_views("simclr", "rgb", spec, "cpu", overrides={"blur_p": 0.0})
+    expected = augment(images, torch.Generator().manual_seed(6))
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert [v.shape for v in views] == [(4, 3, 32, 32)] * 2
+    for got, want in zip(views, expected, strict=True):
+        torch.testing.assert_close(got, (want - mean) / std)

@@ -28,6 +28,12 @@ class SimCLRRecipe(Recipe):
     proj_hidden_dim: int | None = None  # None: the encoder's width (2048 for ResNet-50)
     proj_out_dim: int = 128
     proj_batch_norm: bool = True
+    # The TF code's head ends in a scale-only BN; lightly's and solo-learn's end in a biased
+    # Linear. False selects theirs (an ablation switch: docs/methods.md, "Parity with lightly").
+    proj_last_batch_norm: bool = True
+    # The TF code passes both views through the encoder as one batch (BN statistics over 2N);
+    # lightly and solo-learn pass each view alone (statistics per view). True selects theirs.
+    bn_per_view: bool = False
 
 
 # SimCLR v1, batch and epochs as in the P2X paper (Table 2 setting); tiny: small images and
@@ -71,11 +77,15 @@ class SimCLR(SSLMethod):
             [self.feature_dim, hidden, recipe.proj_out_dim],
             batch_norm=recipe.proj_batch_norm,
             bias=not recipe.proj_batch_norm,  # a bias before BN is redundant (TF code has none)
-            last_batch_norm=recipe.proj_batch_norm,
+            last_batch_norm=recipe.proj_batch_norm and recipe.proj_last_batch_norm,
+            last_bias=not (recipe.proj_batch_norm and recipe.proj_last_batch_norm),
         )
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         self.check_views(views)
         n = views[0].shape[0]
-        z = self.projector(self.encoder(torch.cat(views, dim=0)))  # one pass, shared BN stats
+        if self.recipe.bn_per_view:
+            z = torch.cat([self.projector(self.encoder(v)) for v in views], dim=0)
+        else:
+            z = self.projector(self.encoder(torch.cat(views, dim=0)))  # one pass, shared BN stats
         return {**nt_xent(z[:n], z[n:], self.recipe.temperature), "spread": embedding_spread(z)}
