@@ -3,8 +3,10 @@
 A collapsed SSL run looks healthy from its loss alone: BYOL's loss keeps falling while every
 image maps to one point, and SwAV's loss settles at ln K once its predictions are uniform. So
 the methods report ``spread`` (``methods.base.embedding_spread``: ~1 spread out, 0 collapsed)
-and SwAV ``prediction_entropy`` (1 = uniform); this handler averages them over the last tenth
-of the run and warns at its end, on screen and in the log, naming the fix to look at.
+and SwAV ``prediction_entropy`` and DINO ``teacher_entropy`` (1 = uniform); this handler
+averages them over the last tenth of the run and warns at its end, on screen and in the log,
+naming the fix to look at. DINO's other collapse (one dimension dominates) shows as a falling
+``spread``; a low teacher entropy alone is the sharpening working, so it is not warned about.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ UNIFORM_PREDICTIONS = 0.99
 
 
 class CollapseMonitor:
-    """Keep the recent ``spread`` and ``prediction_entropy`` values; warn when a run ends collapsed."""
+    """Keep the recent ``spread`` and entropy values; warn when a run ends collapsed."""
 
     def __init__(self, total_iterations: int):
         self.window = max(1, total_iterations // 10)
@@ -35,7 +37,7 @@ class CollapseMonitor:
         engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, self.report)
 
     def record(self, engine: Engine) -> None:
-        for name in ("spread", "prediction_entropy"):
+        for name in ("spread", "prediction_entropy", "teacher_entropy"):
             value = engine.state.output.get(name)
             if value is not None and math.isfinite(value):
                 self.recent.setdefault(name, deque(maxlen=self.window)).append(float(value))
@@ -59,6 +61,13 @@ class CollapseMonitor:
                 f"predictions are uniform over the prototypes (entropy {entropy:.3f} of ln K): "
                 "the SwAV loss sits at ln K and nothing is learnt; train on more images or "
                 "longer, or see docs/methods.md (SwAV)"
+            )
+        teacher = self.mean("teacher_entropy")
+        if teacher is not None and teacher > UNIFORM_PREDICTIONS:
+            self.warnings.append(
+                f"DINO's teacher outputs are uniform (entropy {teacher:.3f} of ln K): centring "
+                "outweighs sharpening and the student learns nothing; lower teacher_temp or "
+                "warmup_teacher_temp, see docs/methods.md (DINO)"
             )
         for warning in self.warnings:
             logger.warning(warning)

@@ -122,6 +122,9 @@ def test_collapse_monitor_warns_at_the_end_of_a_collapsed_run(capsys):
     warnings = run({"loss": 4.159, "spread": 0.6, "prediction_entropy": 0.999})
     assert len(warnings) == 1 and "uniform over the prototypes" in warnings[0]
     assert "WARNING: predictions are uniform" in capsys.readouterr().out
+    assert run({"loss": 1.0, "spread": 0.5, "teacher_entropy": 0.4}) == []  # sharp: healthy
+    warnings = run({"loss": 11.1, "spread": 0.5, "teacher_entropy": 0.999})
+    assert len(warnings) == 1 and "DINO's teacher outputs are uniform" in warnings[0]
 
 
 def test_a_run_folder_of_other_settings_is_not_resumed(tmp_path):
