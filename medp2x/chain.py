@@ -134,6 +134,7 @@ class ChainJob:
     normalization: dict | str | None = "auto"
     gray_stem: str = "sum"
     num_workers: int = 0
+    accumulation_steps: int = 1  # forward passes per optimiser step, every stage (distributed.md)
     amp: bool | str = "auto"
     seed: int = 0
     checkpoint_every: int = 0
@@ -201,6 +202,7 @@ class ChainJob:
             stage.check()
         check_choice("probe_protocol", self.probe_protocol, ("knn", "linear"))
         check_int("probe_every", self.probe_every, minimum=0, optional=False)
+        check_int("accumulation_steps", self.accumulation_steps, minimum=1, optional=False)
         runs = [s for s in stages if not (s.optional and s.dataset is None and not s.data_dir)]
         if runs and runs[0].init == "previous" and not self.base_checkpoint:
             raise SettingError(
@@ -283,6 +285,7 @@ class ChainJob:
             normalization=self.normalization,
             gray_stem=self.gray_stem,
             num_workers=self.num_workers,
+            accumulation_steps=self.accumulation_steps,
             amp=self.amp,
             seed=self.seed,
             checkpoint_every=self.checkpoint_every,

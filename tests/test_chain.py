@@ -138,3 +138,15 @@ def check_probe(out, labelled) -> None:
     if best["iteration"] != "4":  # the last encoder differs from the best one
         last = weights(out / "encoder.pt")
         assert not all(torch.equal(kept[k], last[k]) for k in kept)
+
+
+def test_every_stage_accumulates_the_chains_gradient_steps(tmp_path):
+    """A bundle's ``accumulation_steps`` reaches every stage's engine (it was dropped once)."""
+    job = chain(tmp_path, "accumulate", accumulation_steps=3)
+    for stage in job.stages:
+        cfg = job._config(stage, tmp_path / stage.name, None)
+        assert cfg.accumulation_steps == 3 and cfg.batch_size == 8
+    from medp2x.settings import SettingError
+
+    with pytest.raises(SettingError, match="accumulation_steps"):
+        chain(tmp_path, "zero", accumulation_steps=0).run()
