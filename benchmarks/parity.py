@@ -138,6 +138,14 @@ def parse_args() -> argparse.Namespace:
         "[METHOD.]view.NAME=VALUE sets an augmentation strength, e.g. simclr.view.hue=0.1",
     )
     parser.add_argument(
+        "--peer-csv",
+        nargs="+",
+        default=[],
+        metavar="CSV",
+        help="with --implementations medp2x: lightly's rows from these earlier results of the "
+        "same budget, seed and size (e.g. benchmarks/results/parity.csv; its *_curve.csv too)",
+    )
+    parser.add_argument(
         "--lightly-views",
         choices=("lightly", "medp2x"),
         default="lightly",
@@ -486,6 +494,44 @@ COLUMNS = (
 ).split()
 
 
+def peer_rows(paths: list[str], s: Settings, methods: list[str], curve: bool) -> list[dict]:
+    """lightly's rows for ``methods`` from earlier CSVs (``--peer-csv``), for medp2x-only
+    re-runs: only rows of this budget, seed, batch, crop size and dtype are taken."""
+    rows = []
+    for path in paths:
+        path = Path(path)
+        if curve:
+            path = path.with_name(f"{path.stem}_curve.csv")
+            if not path.exists():
+                continue
+        with open(path, newline="") as f:
+            for row in csv.DictReader(f):
+                same = (
+                    row["implementation"] == "lightly"
+                    and row["method"] in methods
+                    and row["budget"] == s.budget
+                    and int(row["seed"]) == s.seed
+                    and int(row["batch_size"]) == s.batch_size
+                    and int(row["crop_size"]) == s.crop_size
+                    and row["dtype"] == s.dtype
+                )
+                if same and (curve or int(row["iterations"]) == s.iterations):
+                    rows.append({k: parse_cell(v) for k, v in row.items()})
+    return rows
+
+
+def parse_cell(value: str):
+    """A CSV cell back to what ``table_rows`` wrote: int, float, None or text."""
+    if value == "":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 # ------------------------------------------------------------------------------ verdicts
 
 
@@ -551,6 +597,11 @@ def header(s: Settings, probe: Probe, args: argparse.Namespace) -> list[str]:
     options = "".join(f", medp2x {o}" for o in args.medp2x_option)
     if args.lightly_views != "lightly":
         options += f", lightly's views made by {args.lightly_views}'s augmentation"
+    if args.peer_csv:
+        options += (
+            f"; lightly's rows read from {', '.join(Path(p).name for p in args.peer_csv)} "
+            "(an earlier run at these settings: its images/s were measured then, at that load)"
+        )
     return [
         f"# Parity with lightly: `{s.budget}` budget",
         "",
@@ -770,6 +821,7 @@ def main() -> None:
     settings = EvalSettings(image_size=args.eval_size, device=device, progress=False)
     cache = ScoreCache(out / "runs" / "scores.json", probe_key(args, per_class))
     rows = evaluate_all(results, s, probe, settings, args, cache)
+    rows += peer_rows(args.peer_csv, s, args.methods, curve=False)
     text = report(rows, s, probe, args)
     print(text)
     out.mkdir(parents=True, exist_ok=True)
@@ -779,6 +831,7 @@ def main() -> None:
     plot_bars(rows, args.methods, out / f"{stem}.png", f"EuroSAT probe after pretraining: {title}")
     if s.curve_points:
         curve = curve_rows(results, s, probe, settings, args.bn_stats, cache)
+        curve += peer_rows(args.peer_csv, s, args.methods, curve=True)
         write_csv(curve, out / f"{stem}_curve.csv")
         plot_curve(curve, rows, out / f"{stem}_curve.png", f"EuroSAT linear probe: {title}")
 

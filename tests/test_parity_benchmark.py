@@ -144,3 +144,30 @@ def test_lightly_loop_can_take_medp2x_views_of_the_same_recipe():
     assert [v.shape for v in views] == [(4, 3, 32, 32)] * 2
     for got, want in zip(views, expected, strict=True):
         torch.testing.assert_close(got, (want - mean) / std)
+
+
+def test_peer_rows_take_lightly_rows_of_the_same_settings_only(tmp_path):
+    """``--peer-csv``: a medp2x-only re-run is compared with lightly's earlier rows of the same
+    budget, seed, batch, crop size and dtype, never with other settings or medp2x's old rows."""
+    s = parity.Settings(
+        budget="long", iterations=1872, schedule_iterations=1872, batch_size=64, crop_size=32,
+        source_size=64, small_size=16, n_small=2, amp=False, workers=2, threads=1, seed=1,
+        curve_points=6, images=10000,
+    )  # fmt: skip
+    base = {"budget": "long", "method": "simclr", "implementation": "lightly",
+            "protocol": "linear", "accuracy": 0.741, "se": 0.011, "iterations": 1872,
+            "batch_size": 64, "crop_size": 32, "dtype": "fp32", "img_per_s": 175.0, "seed": 1}  # fmt: skip
+    rows = [
+        base,
+        {**base, "seed": 0, "accuracy": 0.724},
+        {**base, "implementation": "medp2x", "accuracy": 0.703},
+        {**base, "method": "byol"},
+        {**base, "crop_size": 64},
+    ]
+    parity.write_csv(rows, tmp_path / "parity_long.csv")
+    parity.write_csv([{**base, "iterations": 312}], tmp_path / "parity_long_curve.csv")
+    got = parity.peer_rows([str(tmp_path / "parity_long.csv")], s, ["simclr"], curve=False)
+    assert [(r["accuracy"], r["seed"], r["img_per_s"]) for r in got] == [(0.741, 1, 175.0)]
+    assert got[0]["spread"] is None  # empty cells come back as None, not ""
+    curve = parity.peer_rows([str(tmp_path / "parity_long.csv")], s, ["simclr"], curve=True)
+    assert [r["iterations"] for r in curve] == [312]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -73,11 +74,19 @@ def test_uint8_input_is_scaled_to_unit_range():
 
 
 @pytest.mark.parametrize("size,mode", [(48, "bilinear"), (32, "bilinear"), (16, "area")])
-def test_full_image_crop_with_scale_1_and_ratio_1_equals_a_resize(size, mode):
+@pytest.mark.parametrize("antialias", [True, False])
+def test_full_image_crop_with_scale_1_and_ratio_1_equals_a_resize(size, mode, antialias):
+    """Antialiased (default): F.interpolate's antialiased bilinear at every size; roi_align:
+    bilinear when enlarging or keeping the size, the 2 x 2 area mean when halving."""
     x = torch.rand(3, 3, 32, 32, generator=_gen(4))
-    augment = BatchAugment([NO_OPS], [size], [(1.0, 1.0)], ratio=(1.0, 1.0), generator=_gen())
+    augment = BatchAugment(
+        [NO_OPS], [size], [(1.0, 1.0)], ratio=(1.0, 1.0), generator=_gen(), antialias=antialias
+    )
     (view,) = augment(x)
-    kwargs = {"align_corners": False} if mode == "bilinear" else {}
+    if antialias:
+        mode, kwargs = "bilinear", {"align_corners": False, "antialias": True}
+    else:
+        kwargs = {"align_corners": False} if mode == "bilinear" else {}
     assert torch.allclose(view, F.interpolate(x, size=size, mode=mode, **kwargs), atol=1e-6)
 
 
@@ -95,9 +104,10 @@ def _bilinear_reference(img: torch.Tensor, box: list[float], size: int) -> torch
 
 
 def test_a_box_crop_equals_bilinear_sampling_and_resizing_the_slice_inside():
+    """The fast path (``antialias=False``, one roi_align call)."""
     x = torch.rand(2, 3, 30, 40, generator=_gen(5))
     boxes = [[4.0, 8.0, 20.0, 24.0], [10.0, 0.0, 40.0, 30.0]]  # x1, y1, x2, y2
-    out = resized_crops(x, torch.tensor(boxes), torch.tensor([1, 0]), 32)
+    out = resized_crops(x, torch.tensor(boxes), torch.tensor([1, 0]), 32, antialias=False)
     assert torch.allclose(out[0], _bilinear_reference(x[1], boxes[0], 32), atol=1e-5)
     assert torch.allclose(out[1], _bilinear_reference(x[0], boxes[1], 32), atol=1e-5)
     # away from the box edge (where roi_align reads the real neighbours, not a clamped edge)
@@ -105,6 +115,31 @@ def test_a_box_crop_equals_bilinear_sampling_and_resizing_the_slice_inside():
     ref = F.interpolate(x[1:2, :, 8:24, 4:20], size=32, mode="bilinear", align_corners=False)
     assert torch.allclose(out[0, :, 1:-1, 1:-1], ref[0, :, 1:-1, 1:-1], atol=1e-5)
     assert not torch.allclose(out[0, :, 0], ref[0, :, 0], atol=1e-3)
+
+
+def test_default_crops_are_torchvision_resized_crop_and_pil_within_quantisation():
+    """The default resizing is torchvision's antialiased ``resized_crop`` on tensors, exactly,
+    and PIL's (lightly's and the originals' transforms) within uint8 rounding. roi_align is
+    sharper when shrinking: the long SimCLR parity run lost 3.8 linear points with it."""
+    from PIL import Image
+    from torchvision.transforms import functional as pil_ops
+    from torchvision.transforms.v2 import functional as tensor_ops
+
+    x = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, generator=_gen(7))
+    boxes = torch.tensor([[5.0, 7.0, 52.0, 50.0], [0.0, 30.0, 20.0, 46.0]])  # shrink, enlarge
+    images = x.float() / 255
+    out = resized_crops(images, boxes, torch.tensor([0, 1]), 32)
+    fast = resized_crops(images, boxes, torch.tensor([0, 1]), 32, antialias=False)
+    for k, (row, (x1, y1, x2, y2)) in enumerate(zip([0, 1], boxes.int().tolist(), strict=True)):
+        top, left, h, w = y1, x1, y2 - y1, x2 - x1
+        want = tensor_ops.resized_crop(images[row], top, left, h, w, [32, 32], antialias=True)
+        torch.testing.assert_close(out[k], want, rtol=0, atol=1e-6)
+        pil = Image.fromarray(x[row].permute(1, 2, 0).numpy())
+        pil = pil_ops.resized_crop(pil, top, left, h, w, [32, 32])
+        pil = torch.tensor(np.array(pil)).permute(2, 0, 1).float() / 255
+        assert (out[k] - pil).abs().mean() < 0.003 and (out[k] - pil).abs().max() < 0.01
+    assert (fast[0] - out[0]).abs().mean() > 0.01  # shrinking: roi_align differs visibly
+    assert fast[0].std() > 1.03 * out[0].std()  # and keeps more of the noise
 
 
 def test_crop_boxes_follow_random_resized_crop_bounds():

@@ -43,6 +43,10 @@ class ViewSpec:
     # SimCLR's colour-distortion strength s (Chen et al. 2020, App. A): scales brightness,
     # contrast, saturation and hue jitter of the method's published recipe (1.0: as published).
     color_strength: float = 1.0
+    # Resize each crop with antialiased bilinear interpolation, as PIL and torchvision do for
+    # the originals and lightly (True), or all crops in one sharper roi_align call (False;
+    # faster for very large batches on a GPU). docs/augmentations.md, "Resampling".
+    antialias: bool = True
 
     def __post_init__(self) -> None:  # JSON configs give lists
         self.large_scale = tuple(self.large_scale)
