@@ -171,3 +171,14 @@ def test_peer_rows_take_lightly_rows_of_the_same_settings_only(tmp_path):
     assert got[0]["spread"] is None  # empty cells come back as None, not ""
     curve = parity.peer_rows([str(tmp_path / "parity_long.csv")], s, ["simclr"], curve=True)
     assert [r["iterations"] for r in curve] == [312]
+
+
+def test_every_benchmarked_method_has_a_lightly_side_and_a_medp2x_recipe():
+    """The default ``--methods`` must all run on both sides (a method added to medp2x alone,
+    as DINO was, once made the default run fail at its lightly half)."""
+    pytest.importorskip("lightly")
+    import parity_lightly
+
+    from medp2x.methods import METHODS as MEDP2X_METHODS
+
+    assert set(parity.METHODS) == set(parity_lightly.METHODS) <= set(MEDP2X_METHODS)
