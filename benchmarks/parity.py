@@ -23,6 +23,11 @@ px it erases the image, and both projects' small-image benchmarks drop it.
     python benchmarks/parity.py --budget long --methods simclr byol
     python benchmarks/parity.py --budget smoke                   # the plumbing, a few minutes
 
+Ablations (docs/methods.md, "The long-budget SimCLR gap, traced to the views"):
+``--implementations medp2x`` trains medp2x alone and ``--peer-csv`` joins lightly's rows of an
+earlier run of the same settings; ``--medp2x-option`` overrides medp2x's recipe or views;
+``--lightly-views medp2x`` feeds lightly's loop medp2x's batch augmentation.
+
 Writes ``benchmarks/results/parity.{csv,md,png}`` (``parity_long.*`` and
 ``parity_long_curve.{png,csv}`` for ``--budget long``, ``parity_smoke.*`` for the smoke run) and
 the run folders (encoders, loss curves, checkpoints) under ``benchmarks/results/runs/``.
