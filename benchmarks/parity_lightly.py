@@ -254,6 +254,7 @@ def medp2x_views(method, crop_size, small_size, n_small, seed, device):
     """medp2x's batch augmentation for ``method`` (its tiny recipe at these crop sizes, blur
     off as on both sides of the benchmark), ImageNet-normalised: uint8 batch -> views."""
     from medp2x.methods import recipe_for
+    from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, Normalize
     from medp2x.views import build_views
 
     spec = recipe_for(method, "tiny", image_size=crop_size).views
@@ -261,9 +262,8 @@ def medp2x_views(method, crop_size, small_size, n_small, seed, device):
         spec = dataclasses.replace(spec, small_size=small_size, n_small=n_small)
     augment = build_views(method, "rgb", spec, device, overrides={"blur_p": 0.0})
     generator = torch.Generator().manual_seed(seed + 1)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-    return lambda images: [(v - mean) / std for v in augment(images, generator)]
+    normalize = Normalize(IMAGENET_MEAN, IMAGENET_STD).to(device)  # the engine's own layer
+    return lambda images: [normalize(v) for v in augment(images, generator)]
 
 
 METHODS = {"simclr": SimCLR, "moco": MoCo, "byol": BYOL, "swav": SwAV}

@@ -4,6 +4,7 @@ arithmetic for both, and the verdicts are the issue's bars."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))  # the scripts import each other by
 import parity  # noqa: E402
 import parity_train  # noqa: E402
 
-from medp2x.networks import build_encoder  # noqa: E402
+from medp2x.networks import IMAGENET_MEAN, IMAGENET_STD, build_encoder  # noqa: E402
 
 
 def test_images_per_second_leave_out_warm_up_and_start_up():
@@ -139,8 +140,8 @@ def test_lightly_loop_can_take_medp2x_views_of_the_same_recipe():
     spec = recipe_for("simclr", "tiny", image_size=32).views
     augment = build_views("simclr", "rgb", spec, "cpu", overrides={"blur_p": 0.0})
     expected = augment(images, torch.Generator().manual_seed(6))
-    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     assert [v.shape for v in views] == [(4, 3, 32, 32)] * 2
     for got, want in zip(views, expected, strict=True):
         torch.testing.assert_close(got, (want - mean) / std)
@@ -182,3 +183,34 @@ def test_every_benchmarked_method_has_a_lightly_side_and_a_medp2x_recipe():
     from medp2x.methods import METHODS as MEDP2X_METHODS
 
     assert set(parity.METHODS) == set(parity_lightly.METHODS) <= set(MEDP2X_METHODS)
+
+
+@pytest.mark.parametrize("views", ["lightly", "medp2x"])
+def test_lightly_loop_trains_with_either_views(tmp_path, views):
+    """``--lightly-views``: two steps of lightly's SimCLR loop on a folder of images, with its
+    own transforms and with medp2x's views, each ending in a finite loss and an encoder file."""
+    pytest.importorskip("lightly")
+    import numpy as np
+    import parity_lightly
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    run = parity_lightly.train(
+        "simclr", str(folder), out, iterations=2, schedule_iterations=2, batch_size=4,
+        crop_size=16, small_size=8, n_small=0, seed=0, amp=False, workers=0,
+        checkpoint_every=0, progress=False, views=views,
+    )  # fmt: skip
+    assert len(run["diagnostics"]) == 2
+    assert all(math.isfinite(d["loss"]) for d in run["diagnostics"])
+    assert (out / "encoder.pt").exists()
+    with pytest.raises(ValueError, match="views must be"):
+        parity_lightly.train(
+            "simclr", str(folder), out, iterations=1, schedule_iterations=1, batch_size=4,
+            crop_size=16, small_size=8, n_small=0, seed=0, amp=False, workers=0,
+            checkpoint_every=0, progress=False, views="kornia",
+        )  # fmt: skip
