@@ -22,6 +22,15 @@ logger = logging.getLogger("medp2x.monitor")
 
 SPREAD_COLLAPSED = 0.05  # random unit vectors give 1; a few dominant directions still give > 0.2
 UNIFORM_PREDICTIONS = 0.99
+# Entropies (of ln K) that mean "uniform, nothing learnt" above UNIFORM_PREDICTIONS: what to say.
+UNIFORM_WARNINGS = {
+    "prediction_entropy": "predictions are uniform over the prototypes (entropy {:.3f} of ln K): "
+    "the SwAV loss sits at ln K and nothing is learnt; train on more images or longer, or see "
+    "docs/methods.md (SwAV)",
+    "teacher_entropy": "DINO's teacher outputs are uniform (entropy {:.3f} of ln K): centring "
+    "outweighs sharpening and the student learns nothing; lower teacher_temp or "
+    "warmup_teacher_temp, see docs/methods.md (DINO)",
+}
 
 
 class CollapseMonitor:
@@ -37,7 +46,7 @@ class CollapseMonitor:
         engine.add_event_handler(Events.COMPLETED | Events.TERMINATE, self.report)
 
     def record(self, engine: Engine) -> None:
-        for name in ("spread", "prediction_entropy", "teacher_entropy"):
+        for name in ("spread", *UNIFORM_WARNINGS):
             value = engine.state.output.get(name)
             if value is not None and math.isfinite(value):
                 self.recent.setdefault(name, deque(maxlen=self.window)).append(float(value))
@@ -55,20 +64,10 @@ class CollapseMonitor:
                 "maps to nearly the same point; lower the learning rate, add warm-up, or check "
                 "the augmentations"
             )
-        entropy = self.mean("prediction_entropy")
-        if entropy is not None and entropy > UNIFORM_PREDICTIONS:
-            self.warnings.append(
-                f"predictions are uniform over the prototypes (entropy {entropy:.3f} of ln K): "
-                "the SwAV loss sits at ln K and nothing is learnt; train on more images or "
-                "longer, or see docs/methods.md (SwAV)"
-            )
-        teacher = self.mean("teacher_entropy")
-        if teacher is not None and teacher > UNIFORM_PREDICTIONS:
-            self.warnings.append(
-                f"DINO's teacher outputs are uniform (entropy {teacher:.3f} of ln K): centring "
-                "outweighs sharpening and the student learns nothing; lower teacher_temp or "
-                "warmup_teacher_temp, see docs/methods.md (DINO)"
-            )
+        for name, warning in UNIFORM_WARNINGS.items():
+            entropy = self.mean(name)
+            if entropy is not None and entropy > UNIFORM_PREDICTIONS:
+                self.warnings.append(warning.format(entropy))
         for warning in self.warnings:
             logger.warning(warning)
             print(f"WARNING: {warning}")

@@ -120,7 +120,7 @@ def test_a_box_crop_equals_bilinear_sampling_and_resizing_the_slice_inside():
 def test_default_crops_are_torchvision_resized_crop_and_pil_within_quantisation():
     """The default resizing is torchvision's antialiased ``resized_crop`` on tensors, exactly,
     and PIL's (lightly's and the originals' transforms) within uint8 rounding. roi_align is
-    sharper when shrinking: the long SimCLR parity run lost 3.8 linear points with it."""
+    sharper when shrinking (docs/augmentations.md, "Resampling")."""
     from PIL import Image
     from torchvision.transforms import functional as pil_ops
     from torchvision.transforms.v2 import functional as tensor_ops

@@ -73,12 +73,13 @@ class SimCLR(SSLMethod):
     def __init__(self, encoder: nn.Module, recipe: SimCLRRecipe):
         super().__init__(encoder, recipe)
         hidden = recipe.proj_hidden_dim or self.feature_dim
+        last_bn = recipe.proj_batch_norm and recipe.proj_last_batch_norm
         self.projector = mlp(
             [self.feature_dim, hidden, recipe.proj_out_dim],
             batch_norm=recipe.proj_batch_norm,
             bias=not recipe.proj_batch_norm,  # a bias before BN is redundant (TF code has none)
-            last_batch_norm=recipe.proj_batch_norm and recipe.proj_last_batch_norm,
-            last_bias=not (recipe.proj_batch_norm and recipe.proj_last_batch_norm),
+            last_batch_norm=last_bn,
+            last_bias=not last_bn,
         )
 
     def forward(self, views: list[torch.Tensor]) -> dict[str, torch.Tensor]:
