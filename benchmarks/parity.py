@@ -524,7 +524,8 @@ def peer_rows(paths: list[str], s: Settings, methods: list[str], curve: bool) ->
                     and row["dtype"] == s.dtype
                 )
                 if same and (curve or int(row["iterations"]) == s.iterations):
-                    rows.append({k: parse_cell(v) for k, v in row.items()})
+                    cells = {k: parse_cell(v) for k, v in row.items()}
+                    rows.append({**cells, "earlier_run": path.name})
     return rows
 
 
@@ -550,7 +551,8 @@ def find(rows: list[dict], **match) -> list[dict]:
 def parity_verdicts(rows: list[dict], methods: list[str]) -> list[dict]:
     """Per method: medp2x's linear accuracy minus lightly's, in standard errors of the
     difference (binomial s.e. of each, treated as independent: on shared test images the
-    true s.e. is smaller), and the ratio of images/s (same batch, so of iterations/s)."""
+    true s.e. is smaller), and the ratio of images/s (same batch, so of iterations/s), only
+    when both were measured in this run (``--peer-csv`` rows were timed at another load)."""
     verdicts = []
     for method in methods:
         ours = find(rows, method=method, implementation="medp2x", protocol="linear")
@@ -560,7 +562,8 @@ def parity_verdicts(rows: list[dict], methods: list[str]) -> list[dict]:
         ours, peer = ours[0], peer[0]
         diff = ours["accuracy"] - peer["accuracy"]
         se = math.hypot(ours["se"], peer["se"])
-        ratio = ours["img_per_s"] / peer["img_per_s"]
+        timed_together = "earlier_run" not in peer
+        ratio = ours["img_per_s"] / peer["img_per_s"] if timed_together else None
         verdicts.append(
             {
                 "method": method,
@@ -568,7 +571,7 @@ def parity_verdicts(rows: list[dict], methods: list[str]) -> list[dict]:
                 "se_diff": se,
                 "accuracy_ok": diff >= -2 * se,
                 "speed_ratio": ratio,
-                "speed_ok": ratio >= 1.0,
+                "speed_ok": None if ratio is None else ratio >= 1.0,
             }
         )
     return verdicts
@@ -594,6 +597,17 @@ def pct(x: float | None, digits: int = 1) -> str:
 
 def num(x: float | None, digits: int = 2) -> str:
     return "" if x is None else f"{x:.{digits}f}"
+
+
+def yes_no(ok: bool | None) -> str:
+    return "not timed together" if ok is None else ("yes" if ok else "**no**")
+
+
+def speed_verdict(v: dict) -> str:
+    if v["speed_ok"] is None:
+        return "speed not judged (lightly's images/s come from an earlier run; compare CPU s/it)"
+    verdict = "PASS" if v["speed_ok"] else "FAIL"
+    return f"speed {verdict} (medp2x {v['speed_ratio']:.2f}x lightly's images/s)"
 
 
 def header(s: Settings, probe: Probe, args: argparse.Namespace) -> list[str]:
@@ -659,7 +673,7 @@ def report(rows: list[dict], s: Settings, probe: Probe, args: argparse.Namespace
             f"| {pct(knn['medp2x']['accuracy'])} ± {pct(knn['medp2x']['se'])} "
             f"| {pct(knn['lightly']['accuracy'])} ± {pct(knn['lightly']['se'])} "
             f"| {num(lin['medp2x']['img_per_s'], 1)} | {num(lin['lightly']['img_per_s'], 1)} "
-            f"| {v['speed_ratio']:.2f} | {'yes' if v['speed_ok'] else '**no**'} "
+            f"| {num(v['speed_ratio'])} | {yes_no(v['speed_ok'])} "
             f"| {num(lin['medp2x']['cpu_s_per_it'])} / {num(lin['lightly']['cpu_s_per_it'])} "
             f"| {num(lin['medp2x']['peak_rss_mb'], 0)} / {num(lin['lightly']['peak_rss_mb'], 0)} |"
         )
@@ -701,9 +715,7 @@ def report(rows: list[dict], s: Settings, probe: Probe, args: argparse.Namespace
     for v in verdicts:
         lines.append(
             f"- {v['method']}: accuracy parity {'PASS' if v['accuracy_ok'] else 'FAIL'} "
-            f"({100 * v['diff']:+.1f} ± {100 * v['se_diff']:.1f} pt), speed "
-            f"{'PASS' if v['speed_ok'] else 'FAIL'} (medp2x {v['speed_ratio']:.2f}x lightly's "
-            "images/s)"
+            f"({100 * v['diff']:+.1f} ± {100 * v['se_diff']:.1f} pt), {speed_verdict(v)}"
         )
     if bar:
         for r in learning:

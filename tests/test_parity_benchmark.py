@@ -170,6 +170,11 @@ def test_peer_rows_take_lightly_rows_of_the_same_settings_only(tmp_path):
     got = parity.peer_rows([str(tmp_path / "parity_long.csv")], s, ["simclr"], curve=False)
     assert [(r["accuracy"], r["seed"], r["img_per_s"]) for r in got] == [(0.741, 1, 175.0)]
     assert got[0]["spread"] is None  # empty cells come back as None, not ""
+    medp2x = {**base, "implementation": "medp2x", "accuracy": 0.711, "img_per_s": 361.0}
+    (v,) = parity.parity_verdicts([medp2x, *got], ["simclr"])
+    assert (
+        v["accuracy_ok"] and v["speed_ratio"] is None and v["speed_ok"] is None
+    )  # not timed together
     curve = parity.peer_rows([str(tmp_path / "parity_long.csv")], s, ["simclr"], curve=True)
     assert [r["iterations"] for r in curve] == [312]
 
