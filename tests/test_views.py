@@ -396,3 +396,19 @@ def test_views_of_a_padded_batch_equal_views_of_each_image_alone():
             assert torch.allclose(padded[k], alone, atol=1e-6), f"row {k}"
     replay = [augment.apply(batch.pixels, plan)[k * 2 : (k + 1) * 2] for k in range(2)]
     assert all(torch.equal(v, r) for v, r in zip(views, replay, strict=True))
+
+
+def test_a_recipe_override_selects_the_roi_align_resampling():
+    """The documented switch (``method_options={"views": {"antialias": false}}`` in a bundle):
+    it reaches BatchAugment, and only the resizing changes (same boxes, other pixels)."""
+    from medp2x.methods import recipe_for
+    from medp2x.methods.base import override_recipe
+
+    x = torch.rand(4, 3, 64, 64, generator=_gen(8))
+    recipe = recipe_for("simclr", "tiny", image_size=32)  # the engine's order: size, then options
+    default = build_views("simclr", "rgb", recipe.views)
+    fast = build_views("simclr", "rgb", override_recipe(recipe, views={"antialias": False}).views)
+    assert default.antialias and not fast.antialias
+    a, b = default(x, _gen(9)), fast(x, _gen(9))
+    assert all(u.shape == v.shape for u, v in zip(a, b, strict=True))
+    assert not torch.allclose(a[0], b[0], atol=1e-3)
